@@ -1,0 +1,115 @@
+"""Model plumbing every method uses: layers by name, activation capture, layer gradients.
+
+Hooks are always removed, also when the forward pass raises, and the model is left as found
+(``requires_grad`` flags restored, no ``.grad`` filled).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+
+import torch
+from torch import nn
+
+from ._targets import target_scores
+
+
+def resolve_layer(model: nn.Module, layer) -> nn.Module:
+    """The submodule ``layer`` names: a dotted name (``"layer4.1.conv2"``) or a module of
+    ``model``. An unknown name raises ``ValueError`` listing the closest names."""
+    if isinstance(layer, nn.Module):
+        if not any(m is layer for m in model.modules()):
+            raise ValueError(f"layer: the module {type(layer).__name__} is not part of the model")
+        return layer
+    if not isinstance(layer, str):
+        raise TypeError(f"layer: expected a module or a dotted name, got {type(layer).__name__}")
+    names = dict(model.named_modules())
+    if layer not in names or layer == "":
+        close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.4)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ValueError(f"layer: no module named {layer!r} in {type(model).__name__}{hint}")
+    return names[layer]
+
+
+def layer_name(model: nn.Module, module: nn.Module) -> str:
+    """The dotted name of ``module`` inside ``model``."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError("layer: the module is not part of the model")
+
+
+def _has_inplace(model: nn.Module) -> bool:
+    return any(getattr(m, "inplace", False) for m in model.modules())
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers, detach: bool = True, grad_leaf: bool = False):
+    """Record the outputs of ``layers`` (names or modules) during forward passes.
+
+    Yields a dict ``{layer: tensor}`` keyed as given, filled on each forward pass.
+    ``grad_leaf=True`` cuts the graph at each layer: its output becomes a leaf that
+    requires grad, so gradients stop there and never reach earlier layers or parameters.
+    With in-place modules in the model (``ReLU(inplace=True)``) the captured tensor is kept
+    and a copy flows on, so the record is the layer's true output and its gradient is the
+    gradient of that output (Captum issue 156 gets both wrong).
+    """
+    keys = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    modules = [resolve_layer(model, k) for k in keys]
+    copy_on = _has_inplace(model)
+    record = {}
+
+    def make_hook(key):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {key!r}: output is a {type(output).__name__}, expected a tensor")
+            if grad_leaf:
+                output = output.detach().requires_grad_(True)
+            record[key] = output.detach() if detach and not grad_leaf else output
+            return output.clone() if copy_on else output
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(k)) for k, m in zip(keys, modules)]
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Switch parameter gradients off for the block, restoring every flag afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def layer_gradients(model: nn.Module, x: torch.Tensor, layer, target):
+    """Activations of ``layer`` and the gradients of the target scores with respect to them.
+
+    One forward pass; the backward pass runs from the scores to the layer only
+    (``torch.autograd.grad``, parameters frozen, no ``.grad`` filled). Returns
+    ``(activations [B, ...], gradients, output)`` where gradients is ``[B, ...]`` for an int,
+    per-sample or callable target and ``[B, k, ...]`` for a ``[B, k]`` target (one batched
+    vector-Jacobian product, ``is_grads_batched``, so the forward pass runs once).
+    """
+    with frozen_parameters(model), capture(model, layer, grad_leaf=True) as record:
+        with torch.enable_grad():
+            output = model(x)
+            acts = record[layer]
+            scores = target_scores(output, target)
+            if scores.dim() == 1:
+                (grads,) = torch.autograd.grad(scores.sum(), acts)
+            else:
+                k = scores.shape[1]
+                eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+                basis = eye[:, None, :].expand(k, scores.shape[0], k)
+                (grads,) = torch.autograd.grad(scores, acts, grad_outputs=basis, is_grads_batched=True)
+                grads = grads.movedim(0, 1)
+    return acts.detach(), grads, output.detach()

@@ -1,0 +1,4 @@
+"""Reference implementations in plain PyTorch: the definition of correct for every fast op."""
+from .upsample import upsample_normalize_ref
+
+__all__ = ["upsample_normalize_ref"]

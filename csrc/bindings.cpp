@@ -1,0 +1,12 @@
+// The extension module cnnviz_fast._C: one bind_<op> per file in csrc/cpu.
+#include "common.h"
+
+namespace cnnviz {
+void bind_upsample(py::module_& m);
+}  // namespace cnnviz
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cnnviz-fast CPU kernels on raw float32 buffers";
+  m.attr("openmp_threads") = cnnviz::num_threads();
+  cnnviz::bind_upsample(m);
+}
