@@ -300,7 +300,7 @@ class _RuleLayer:
 
     def _apply_many(self, src, pairs):
         """``[layer(src, W, b) for W, b in pairs]``, as one call where the weights stack."""
-        if len(pairs) == 1 or self.groups_split():
+        if len(pairs) == 1 or self._grouped():
             return [self._apply(src, w, b) for w, b in pairs]
         weight = torch.cat([w for w, _ in pairs])
         bias = None
@@ -309,12 +309,12 @@ class _RuleLayer:
         out = self._apply(src, weight, bias)
         return out.split([w.shape[0] for w, _ in pairs], dim=1 if self.conv_dims else -1)
 
-    def groups_split(self):
+    def _grouped(self):
         return bool(self.conv_dims) and self.groups != 1
 
     def _transpose_many(self, items, shape):
         """``sum W^T s for s, W in items``: the input gradient of the layer, one call where it stacks."""
-        if len(items) > 1 and not self.groups_split():
+        if len(items) > 1 and not self._grouped():
             items = [(torch.cat([s for s, _ in items], dim=1 if self.conv_dims else -1),
                       torch.cat([w for _, w in items]))]
         total = None
@@ -360,7 +360,7 @@ class _RuleLayer:
             d = _stabilize(z[t], self.rule.stabilizer)
             if mask is not None:
                 keep = y > 0 if mask == "pos" else y < 0
-                d = torch.where(keep, d, torch.full_like(d, math.inf))  # R / inf = 0 off the mask
+                d = torch.where(keep, d, math.inf)  # R / inf = 0 off the mask
             denominators.append(d)
             live.append(t)
         slot = {t: i for i, t in enumerate(live)}
