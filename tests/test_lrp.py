@@ -49,22 +49,22 @@ def _zennit_relevance(model, x, target, composite):
     return relevance
 
 
-def _assert_matches(got, expected, what):
-    """Relative error <= 1e-5 of the relevance scale (the largest |relevance|)."""
+def _assert_matches(got, expected, what, rtol=1e-5):
+    """Max error <= rtol of the relevance scale (the largest |relevance|)."""
     assert got.shape == expected.shape, what
     scale = expected.abs().max()
     err = (got - expected).abs().max() / scale
-    assert err <= 1e-5, f"{what}: max error {err.item():.3g} of the relevance scale {scale.item():.3g}"
+    assert err <= rtol, f"{what}: max error {err.item():.3g} of the relevance scale {scale.item():.3g}"
 
 
-def _composite(name, model_name):
+def _composite(name, model_name, low=LOW, high=HIGH):
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import (EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox,
                                    EpsilonPlus, EpsilonPlusFlat)
     from zennit.torchvision import ResNetCanonizer
     canonizers = [ResNetCanonizer() if model_name.startswith("resnet") else SequentialMergeBatchNorm()]
     if name == "epsilon_gamma_box":
-        return EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canonizers)
+        return EpsilonGammaBox(low=low, high=high, canonizers=canonizers)
     return {"epsilon_plus_flat": EpsilonPlusFlat, "epsilon_plus": EpsilonPlus,
             "epsilon_alpha2_beta1": EpsilonAlpha2Beta1,
             "epsilon_alpha2_beta1_flat": EpsilonAlpha2Beta1Flat}[name](canonizers=canonizers)
@@ -72,23 +72,52 @@ def _composite(name, model_name):
 
 @pytest.fixture(scope="module")
 def zoo():
-    """The model zoo with random weights (built once): name -> (model, input 64 px, batch 2)."""
+    """The model zoo with random weights and random batch-norm statistics, and the embedded
+    default model as shipped (built once): name -> (model, input batch 2, low, high); the
+    smallest sizes the ImageNet models take (their last maps are 1x1), shapes_cnn's 64 px."""
     from cnnviz_fast import models
+    from cnnviz_fast.data import shapes
     torch.manual_seed(0)
-    built = {"alexnet": models.alexnet(), "vgg16_bn": models.vgg16_bn(), "resnet18": models.resnet18(),
-             "shapes_cnn": models.shapes_cnn(pretrained=True)}
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    return {name: (_randomize_batch_norms(m), (x - MEAN) / STD) for name, m in built.items()}
+    g = torch.Generator().manual_seed(2)
+    built = {name: (_randomize_batch_norms(getattr(models, name)()), (torch.rand(2, 3, size, size, generator=g) - MEAN) / STD,
+                    LOW, HIGH) for name, size in (("alexnet", 64), ("vgg16_bn", 32), ("resnet18", 32))}
+    built["shapes_cnn"] = (models.shapes_cnn(pretrained=True), shapes(2, seed=1).images, 0.0, 1.0)
+    return built
+
+
+def _relevance(library, model, x, target, rules, low, high, model_name, dtype):
+    """Our or zennit's relevance in ``dtype``; the model is converted and converted back (exact)."""
+    low, high = (torch.as_tensor(b, dtype=dtype) for b in (low, high))
+    model.to(dtype)
+    try:
+        x = x.to(dtype)
+        if library == "ours":
+            return lrp(model, x, target, rules, low=low, high=high)
+        return _zennit_relevance(model, x, target, _composite(rules, model_name, low, high))
+    finally:
+        model.float()
 
 
 @needs_zennit
 @pytest.mark.parametrize("rules", ["epsilon_plus_flat", "epsilon_gamma_box"])
-@pytest.mark.parametrize("model_name", ["alexnet", "vgg16_bn", "resnet18", "shapes_cnn"])
+@pytest.mark.parametrize("model_name", ["alexnet", pytest.param("vgg16_bn", marks=pytest.mark.slow), "resnet18",
+                                        "shapes_cnn"])
 def test_matches_zennit_on_the_zoo(zoo, model_name, rules):
-    model, x = zoo[model_name]
+    """Same algorithm: float64 results agree to 1e-9 of the relevance scale. float32: within
+    1e-5 of the scale, or (flash-attention's rule) no further from the float64 result than twice
+    zennit's own float32 error: with random weights the epsilon rule divides by near-zero
+    pre-activations and both libraries then lose ~1e-2 relative in float32 (vgg16_bn)."""
+    model, x, low, high = zoo[model_name]
     target = torch.tensor([1, 4])
-    expected = _zennit_relevance(model, x, target, _composite(rules, model_name))
-    _assert_matches(lrp(model, x, target, rules, low=LOW, high=HIGH), expected, f"{model_name} {rules}")
+    args = (model, x, target, rules, low, high, model_name)
+    zennit64 = _relevance("zennit", *args, torch.float64)
+    _assert_matches(_relevance("ours", *args, torch.float64), zennit64, f"{model_name} {rules} float64", 1e-9)
+    ours32 = _relevance("ours", *args, torch.float32).double()
+    scale = zennit64.abs().max()
+    if (ours32 - zennit64).abs().max() > 1e-5 * scale:  # ill-conditioned: measure zennit's own error
+        zennit32 = _relevance("zennit", *args, torch.float32).double()
+        zennit_error = ((zennit32 - zennit64).abs().max() / scale).item()
+        _assert_matches(ours32, zennit64, f"{model_name} {rules} float32", 2 * zennit_error)
 
 
 @needs_zennit
