@@ -170,6 +170,28 @@ def test_relevance_conservation_epsilon_bias_free():
     torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), score, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("block", ["BasicBlock", "Bottleneck"])
+def test_relevance_conservation_through_canonized_resnet_blocks(block):
+    """Folded batch norms without shift and the residual sums under the Norm rule conserve
+    relevance too: LRP-epsilon on a ResNet sums to the target logit. (Batch-norm eps 0: zennit's
+    merged batch norm, which lrp copies, still divides by sqrt(1 + eps), scaling each branch.)"""
+    from cnnviz_fast import models
+    torch.manual_seed(4)
+    model = models.ResNet(getattr(models, block), [1, 1, 1, 1], num_classes=4).double()
+    _randomize_batch_norms(model)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # BN(x) = scale * x: the folded convolutions stay bias-free
+            m.running_mean.zero_()
+            m.bias.data.zero_()
+            m.eps = 0.0
+    model.fc.bias.data.zero_()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    target = torch.tensor([2, 0])
+    relevance = lrp(model, x, target, {nn.Conv2d: Epsilon(1e-12), nn.Linear: Epsilon(1e-12)}, stabilizer=1e-12)
+    score = model(x).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), score, rtol=1e-9, atol=1e-12)
+
+
 def test_k_targets_stack_single_target_maps():
     model = _small_vgg_bn()
     x = torch.randn(2, 3, 8, 8)
