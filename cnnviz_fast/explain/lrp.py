@@ -623,7 +623,7 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *,
         targets (one forward pass, one backward pass per target column). Equal to zennit's
         attribution (with the target logit as output relevance) to 1e-9 in float64; in float32
         both round differently where a pre-activation is near zero, which on random-weight
-        networks reaches ~1e-3 of the relevance scale for either library.
+        networks reaches 1e-3 to 1e-2 of the relevance scale for either library.
     """
     check_tensor("x", x, ndim=(2, 3, 4, 5))
     check_model_device(model, x)
