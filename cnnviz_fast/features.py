@@ -181,7 +181,7 @@ class FeatureIndex:
     flat search: there, 1,000 queries at D=512 cost ~50 GFLOP (about a second on two cores),
     less than training an IVF index and measuring it would, and the answers are exact.
     At ``flat_max`` vectors or more it is IndexIVFFlat with ``nlist = round(2 * sqrt(N))``
-    lists (the low end of FAISS's 1-16 sqrt(N) guidance, to keep k-means training, on
+    lists (at most N/4; the low end of FAISS's 1-16 sqrt(N) guidance, to keep k-means training, on
     ``32 * nlist`` sampled vectors, near 15 s at 1M vectors on two cores), and ``nprobe`` is
     *measured*, not assumed: 500 of the added vectors are drawn at random, their exact 10
     nearest neighbours among the other vectors found by flat search, and nprobe is the

@@ -105,10 +105,10 @@ def neighbours_grid(query_images: torch.Tensor, neighbour_images: torch.Tensor, 
     """
     check_tensor("query_images", query_images, ndim=4)
     check_tensor("neighbour_images", neighbour_images, ndim=5)
-    q, k = neighbour_images.shape[:2]
+    k = neighbour_images.shape[1]
     if neighbour_images.shape[0] != query_images.shape[0] or neighbour_images.shape[2:] != query_images.shape[1:]:
-        raise ValueError(f"neighbour_images: expected [Q, k, C, h, w] matching query_images {tuple(query_images.shape)}, "
-                         f"got {tuple(neighbour_images.shape)}")
+        raise ValueError(f"neighbour_images: expected [Q, k, C, h, w] matching query_images "
+                         f"{tuple(query_images.shape)}, got {tuple(neighbour_images.shape)}")
     if padding < 0 or separator < 0:
         raise ValueError(f"padding, separator: expected ints >= 0, got {padding}, {separator}")
     queries = image_grid(query_images.float(), nrow=1, padding=padding)
