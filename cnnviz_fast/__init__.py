@@ -6,8 +6,8 @@ lazily when a CUDA tensor (or ``TRITON_INTERPRET=1``) calls for them.
 from ._backend import backends
 from ._hooks import resolve_layer
 from .ops import upsample_normalize
-from .features import Embeddings, FeatureIndex, Neighbours, embed, pca, tsne
-from .plots import embedding_plot, neighbours_grid
+from .explain.features import Embeddings, FeatureIndex, Neighbours, embed, pca, tsne
+from .explain.feature_plots import embedding_plot, neighbours_grid
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 ``embed`` streams a dataset through a model and pools one layer into ``[N, D]`` vectors;
 ``FeatureIndex`` stores them in a FAISS index (exact or approximate) with user ids and
 answers k-nearest-neighbour queries; ``pca`` and ``tsne`` map them to 2-D for
-``cnnviz_fast.plots.embedding_plot``. Captum's similarity influence does the neighbour part
+``cnnviz_fast.embedding_plot``. Captum's similarity influence does the neighbour part
 by brute force in memory; here FAISS (Johnson, Douze, Jegou 2017, "Billion-scale similarity
 search with GPUs") scales it to millions of vectors.
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_tensor
-from ._hooks import capture, resolve_layer
+from .._checks import check_tensor
+from .._hooks import capture, resolve_layer
 
 FORMAT_NAME = "cnnviz-fast.FeatureIndex"
 FORMAT_VERSION = 1
@@ -254,7 +254,7 @@ class FeatureIndex:
         faiss = _require("faiss", "faiss-cpu")
         x = _as_float32_numpy("vectors", vectors, self.dim, self.metric == "cosine")
         n = x.shape[0]
-        new_ids, kind = self._check_ids(ids, n)
+        new_ids, kind, fresh = self._check_ids(ids, n)
         if len(self) == 0 and vectors.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self._gpu = True
         if self._index is None and self._staging is None:
@@ -262,6 +262,7 @@ class FeatureIndex:
         (self._staging if self._index is None else self._index).add(x)
         self._id_kind = kind
         self._ids.append(new_ids)
+        self._seen |= fresh     # only once faiss took the vectors, so a failed add leaves no trace
         return self
 
     def _check_ids(self, ids, n):
@@ -293,8 +294,7 @@ class FeatureIndex:
         if len(fresh) != n or not self._seen.isdisjoint(fresh):
             dup = next(i for i in listed if i in self._seen or listed.count(i) > 1)
             raise ValueError(f"ids: duplicate id {dup!r}")
-        self._seen |= fresh
-        return values, kind
+        return values, kind, fresh
 
     # -- building
     def _to_device(self, index):
@@ -495,35 +495,38 @@ class FeatureIndex:
         A corrupt file or one of another format version raises ``ValueError``."""
         faiss = _require("faiss", "faiss-cpu")
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such FeatureIndex file")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                if not isinstance(npz, np.lib.npyio.NpzFile):
-                    raise ValueError("no archive")
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):    # a bare .npy array
+                raise ValueError("not an npz archive")
+            with loaded as npz:
                 arrays = {name: npz[name] for name in npz.files}
             header = json.loads(arrays["header"].tobytes().decode())
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
         except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError, UnicodeDecodeError) as err:
-            if isinstance(err, FileNotFoundError):
-                raise
             raise ValueError(f"{path}: not a cnnviz-fast FeatureIndex file, or it is corrupt ({err})") from err
         if header.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: not a cnnviz-fast FeatureIndex file")
         if header.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: written in FeatureIndex format version {header.get('version')}; "
                              f"this cnnviz-fast reads version {FORMAT_VERSION}")
-        self = cls(header["dim"], header["metric"], header["kind"], **header["settings"])
         try:
+            self = cls(header["dim"], header["metric"], header["kind"], **header["settings"])
             self._index = faiss.deserialize_index(arrays["index"])
-        except RuntimeError as err:
-            raise ValueError(f"{path}: the faiss index inside is corrupt ({err})") from err
-        self.built_kind, self.measured_recall = header["built_kind"], header["measured_recall"]
-        if header["nprobe"] is not None:
-            self._set_knob(header["nprobe"])
-        self._id_kind = header["id_kind"]
-        if self._id_kind == "str":
-            raw, offsets = arrays["id_bytes"].tobytes(), arrays["id_offsets"]
-            self._ids = [[raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]]
-        else:
-            self._ids = [arrays["ids"]]
+            self.built_kind, self.measured_recall = header["built_kind"], header["measured_recall"]
+            if header["nprobe"] is not None:
+                self._set_knob(header["nprobe"])
+            self._id_kind = header["id_kind"]
+            if self._id_kind == "str":
+                raw, offsets = arrays["id_bytes"].tobytes(), arrays["id_offsets"]
+                self._ids = [[raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]]
+            else:
+                self._ids = [arrays["ids"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:   # faiss raises RuntimeError
+            raise ValueError(f"{path}: the FeatureIndex inside is corrupt ({err!r})") from err
         table = self._ids[0]
         if len(table) != self._index.ntotal or self._index.d != self.dim:
             raise ValueError(f"{path}: {len(table)} ids for {self._index.ntotal} vectors of dimension "

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_tensor
-from .viz import image_grid
+from .._checks import check_tensor
+from ..viz import image_grid
 
 
 def _thumbnail_canvas(points, images, grid, thumb, frames, frame_width):
