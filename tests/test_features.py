@@ -195,7 +195,8 @@ def test_bad_searches_and_settings():
         FeatureIndex(8, metric="cosine").add(torch.zeros(2, 8))
     for kwargs, match in (({"dim": 0}, "dim"), ({"dim": 4, "metric": "ip"}, "metric"),
                           ({"dim": 4, "kind": "lsh"}, "kind"), ({"dim": 6, "pq_m": 4}, "pq_m"),
-                          ({"dim": 4, "nprobe": 0}, "nprobe"), ({"dim": 4, "target_recall": 1.5}, "target_recall")):
+                          ({"dim": 4, "nprobe": 0}, "nprobe"), ({"dim": 4, "flat_max": 0}, "flat_max"),
+                          ({"dim": 4, "target_recall": 1.5}, "target_recall")):
         with pytest.raises(ValueError, match=match):
             FeatureIndex(**kwargs)
     with pytest.raises(ValueError, match="at least 256"):
@@ -232,6 +233,15 @@ def test_corrupt_and_foreign_files(tmp_path):
         FeatureIndex.load(tmp_path / "other.fidx")
     with pytest.raises(FileNotFoundError):
         FeatureIndex.load(tmp_path / "missing.fidx")
+    np.save(tmp_path / "bare.npy", np.zeros(3))                  # an .npy array, not an archive
+    with pytest.raises(ValueError, match="not a cnnviz-fast FeatureIndex file, or it is corrupt"):
+        FeatureIndex.load(tmp_path / "bare.npy")
+    _rewrite_header(path, tmp_path / "nosettings.fidx", settings=None)
+    with pytest.raises(ValueError, match="corrupt"):
+        FeatureIndex.load(tmp_path / "nosettings.fidx")
+    _rewrite_header(path, tmp_path / "baddim.fidx", dim=9)        # header and faiss index disagree
+    with pytest.raises(ValueError, match="corrupt"):
+        FeatureIndex.load(tmp_path / "baddim.fidx")
     assert zipfile.is_zipfile(path) and path.read_bytes() == raw
 
 
@@ -287,6 +297,25 @@ def test_embed_streams_batches_with_ids():
             for i in range(0, 10, bs):
                 yield images[i:i + bs], torch.zeros(len(images[i:i + bs])), torch.arange(i, min(i + bs, 10)) + 100
     assert torch.equal(embed(model, Folder(), "3", batch_size=4, progress=False).ids, torch.arange(100, 110))
+
+
+def test_embed_image_folder_into_index(tmp_path):
+    """A folder on disk streams through embed; its ids come back from the index search."""
+    from PIL import Image
+    from cnnviz_fast.data import image_folder
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    folder = image_folder(tmp_path, 8)
+    model = tiny_net().eval()
+    got = embed(model, folder, "3", batch_size=4, progress=False)
+    assert torch.equal(got.ids, torch.arange(6)) and got.vectors.shape == (6, 4)
+    images = torch.stack([folder[i][0] for i in range(6)])
+    assert_close(got.vectors, model[:4](images).mean((2, 3)), rtol=1e-5, atol=1e-6, what="embed of a folder")
+    found = FeatureIndex(4, kind="flat").add(got.vectors, got.ids + 50).search(got.vectors, 1)
+    assert found.ids[:, 0].tolist() == list(range(50, 56))
 
 
 def test_embed_bad_input():

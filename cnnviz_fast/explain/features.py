@@ -72,6 +72,14 @@ def _batches(data, batch_size):
                             f"{type(batch).__name__}")
 
 
+def _image_count(data):
+    """Images in ``data`` for the progress bar, or None where only the batch count is known."""
+    if isinstance(data, torch.Tensor):
+        return data.shape[0]
+    dataset = data if hasattr(data, "batches") else getattr(data, "dataset", None)   # a DataLoader's
+    return len(dataset) if hasattr(dataset, "__len__") else None
+
+
 def _pool(acts: torch.Tensor, pool: str) -> torch.Tensor:
     if acts.dim() <= 2 or pool == "none":
         return acts.flatten(1)
@@ -105,7 +113,7 @@ def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64
     module = resolve_layer(model, layer)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    total = data.shape[0] if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else None
+    total = _image_count(data)
     modes = [(m, m.training) for m in model.modules()]
     chunks, ids, count = [], [], 0
     bar = None
@@ -216,6 +224,8 @@ class FeatureIndex:
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
         if pq_m is not None and dim % pq_m:
             raise ValueError(f"pq_m: must divide dim={dim}, got {pq_m}")
+        if not isinstance(flat_max, int) or isinstance(flat_max, bool) or flat_max < 1:
+            raise ValueError(f"flat_max: expected an int >= 1, got {flat_max!r}")
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall: expected a value in (0, 1], got {target_recall}")
         _require("faiss", "faiss-cpu")
