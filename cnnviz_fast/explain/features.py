@@ -7,6 +7,19 @@ answers k-nearest-neighbour queries; ``pca`` and ``tsne`` map them to 2-D for
 by brute force in memory; here FAISS (Johnson, Douze, Jegou 2017, "Billion-scale similarity
 search with GPUs") scales it to millions of vectors.
 
+Example (the embedded default model on held-out shapes)::
+
+    from cnnviz_fast import FeatureIndex, embed, embedding_plot, neighbours_grid, tsne
+    from cnnviz_fast.data import shapes
+    from cnnviz_fast.models import shapes_cnn
+    data = shapes(600, seed=1)
+    emb = embed(shapes_cnn(), data.images, "avgpool", progress=False)    # [600, 64] float32
+    index = FeatureIndex(emb.vectors.shape[1], metric="cosine").add(emb.vectors, emb.ids)
+    index.save("shapes.fidx")
+    found = FeatureIndex.load("shapes.fidx").search(emb.vectors[:8], k=6)  # ids [8, 6]; self first
+    grid = neighbours_grid(data.images[:8], data.images[found.ids[:, 1:]])
+    embedding_plot(tsne(emb.vectors), labels=data.labels, class_names=data.class_names).savefig("map.png")
+
 faiss and openTSNE are imported inside the functions that need them, so
 ``import cnnviz_fast`` stays light (``pip install cnnviz-fast[features]`` brings them).
 """
