@@ -344,6 +344,29 @@ def test_neighbours_share_class_on_default_model():
     assert precision >= 0.9, f"precision@5 {precision:.3f}"
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_matches_captum_similarity_influence(tmp_path, metric):
+    """Captum's brute-force SimilarityInfluence (the peer) finds the same neighbours."""
+    pytest.importorskip("captum")
+    from captum.influence import SimilarityInfluence
+    from captum.influence._core import similarity_influence as captum_sim
+    from cnnviz_fast.data import shapes
+    from cnnviz_fast.models import shapes_cnn
+    data = shapes(120, seed=1)
+    model = shapes_cnn().eval()
+    similarity, direction = ((captum_sim.cosine_similarity, "max") if metric == "cosine"
+                             else (captum_sim.euclidean_distance, "min"))
+    # two layers: captum 0.9 double-wraps a single layer's activations and fails
+    peer = SimilarityInfluence(model, ["avgpool", "fc"], data.images[:100], str(tmp_path), batch_size=50,
+                               similarity_metric=similarity, similarity_direction=direction)
+    want_ids, want = peer.influence(data.images[100:], top_k=5)["avgpool"]
+    emb = embed(model, data.images, "avgpool", progress=False)
+    got = FeatureIndex(emb.vectors.shape[1], metric=metric).add(emb.vectors[:100]).search(emb.vectors[100:], 5)
+    assert torch.equal(got.ids, want_ids)
+    mine = 1 - got.distances if metric == "cosine" else got.distances.sqrt()
+    assert_close(mine, want, rtol=1e-4, atol=1e-5, what=f"{metric} vs captum SimilarityInfluence")
+
+
 # ----------------------------------------------------------------------------- 2-D maps
 
 def test_pca_matches_sklearn():
