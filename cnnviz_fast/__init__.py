@@ -5,8 +5,10 @@ lazily when a CUDA tensor (or ``TRITON_INTERPRET=1``) calls for them.
 """
 from ._backend import backends
 from ._hooks import resolve_layer
-from .ops import upsample_normalize
+from .explain.cam import cam, grad_cam, grad_cam_pp, layer_cam, score_cam
+from .ops import cam_combine, upsample_normalize
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "resolve_layer", "upsample_normalize"]
+__all__ = ["backends", "resolve_layer", "upsample_normalize",
+           "cam", "cam_combine", "grad_cam", "grad_cam_pp", "layer_cam", "score_cam"]

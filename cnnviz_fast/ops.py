@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_tensor, pair
-from .reference import upsample_normalize_ref
+from ._checks import check_same_device, check_tensor, pair
+from .reference import cam_combine_ref, upsample_normalize_ref
 
 _MODES = ("bilinear", "nearest")
 
@@ -42,3 +42,47 @@ def upsample_normalize(maps: torch.Tensor, size=None, mode: str = "bilinear",
         from .kernels.upsample import upsample_normalize_triton
         upsample_normalize_triton(src, out, mode == "bilinear", normalize)
     return out.view(B, k, *out_size)
+
+
+def cam_combine(activations: torch.Tensor, weights: torch.Tensor, size=None, relu: bool = True,
+                normalize: bool = True, backend: str | None = None) -> torch.Tensor:
+    """The combining step of every CAM method, fused: weighted channel sum, ReLU, bilinear
+    resize and per-map min-max normalization in one pass over the activations.
+
+    activations: float ``[B, K, h, w]`` (a layer's output). weights, on the same device:
+    channel weights ``[B, K]`` or ``[B, k, K]`` (k maps per sample; map = sum_c w_c A_c: CAM's
+    fc rows, Grad-CAM's spatial mean of the gradients, Grad-CAM++'s alpha-weighted sums,
+    Score-CAM's scores) or elementwise weights ``[B, K, h, w]`` / ``[B, k, K, h, w]``
+    (map = sum_c w_c(y, x) A_c(y, x): LayerCAM's relu(gradients)); cast to the activations'
+    dtype. size: ``(H, W)``, an int, or None (keep ``h, w``); the resize equals
+    ``F.interpolate(mode="bilinear", align_corners=False)``. relu: clamp the sum at 0 before
+    resizing. normalize: scale each map to [0, 1] (a constant map gives zeros).
+    Returns ``[B, H, W]`` (weights without a k axis) or ``[B, k, H, W]``, of the activations'
+    dtype, on their device.
+    """
+    check_tensor("activations", activations, ndim=4)
+    check_tensor("weights", weights, ndim=(2, 3, 4, 5))
+    check_same_device(activations=activations, weights=weights)
+    B, K, h, w = activations.shape
+    channel = weights.dim() in (2, 3)
+    has_k = weights.dim() in (3, 5)
+    want = (B, K) if channel else (B, K, h, w)
+    got = tuple(weights.shape[:1] + weights.shape[2:]) if has_k else tuple(weights.shape)
+    if got != want:
+        form = "[B, K] or [B, k, K]" if channel else "[B, K, h, w] or [B, k, K, h, w]"
+        raise ValueError(f"weights: expected {form} with B, K, h, w = {B}, {K}, {h}, {w} from "
+                         f"activations, got shape {tuple(weights.shape)}")
+    out_size = (h, w) if size is None else pair("size", size)
+    weights = weights.to(activations.dtype)
+    impl = _backend.choose("cam_combine", activations, backend)
+    if impl == "reference":
+        return cam_combine_ref(activations, weights, out_size, relu, normalize)
+    acts = activations.detach().contiguous()
+    wts = (weights if has_k else weights.unsqueeze(1)).detach().contiguous()
+    out = torch.empty((B, wts.shape[1], *out_size), dtype=activations.dtype, device=activations.device)
+    if impl == "cpp":
+        _backend.cpp_module().cam_combine_cpu(acts.numpy(), wts.numpy(), out.numpy(), relu, normalize)
+    else:
+        from .kernels.cam import cam_combine_triton
+        cam_combine_triton(acts, wts, out, relu, normalize)
+    return out if has_k else out.squeeze(1)
