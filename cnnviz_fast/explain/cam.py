@@ -155,8 +155,8 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, relu: bo
 
 
 def _gap_layer(model, x, fc):
-    """The module whose 4-D output is average-pooled into fc (the last such hook to fire, so
-    the outermost container); raises when none is."""
+    """The module whose 4-D output (larger than 1x1, which skips the pool itself) is
+    average-pooled into fc: the last such hook to fire, so the outermost container."""
     fired = []
     hooks = [m.register_forward_hook(lambda mod, _i, out: fired.append((mod, out)))
              for m in model.modules() if m is not model]
@@ -167,7 +167,8 @@ def _gap_layer(model, x, fc):
         for h in hooks:
             h.remove()
     for module, out in reversed(fired):
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and _is_gap_linear(out, head, output):
+        spatial = isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1
+        if spatial and _is_gap_linear(out, head, output):
             return module
     raise ValueError(f"cam: found no layer of {type(model).__name__} whose global average pool feeds "
                      f"fc {layer_name(model, fc)!r} and gives the model's output; pass layer= or use grad_cam")
