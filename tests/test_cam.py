@@ -104,8 +104,9 @@ def test_grad_cam_matches_captum(nets, head, layer):
     assert_close(cf.grad_cam(model, x, t, layer), expected, rtol=1e-5, atol=1e-5, what="vs Captum")
 
 
-def test_grad_cam_matches_captum_on_resnet18():
+def test_matches_captum_and_torchcam_on_resnet18():
     captum = pytest.importorskip("captum.attr")
+    methods = pytest.importorskip("torchcam.methods")
     models = pytest.importorskip("cnnviz_fast.models")
     torch.manual_seed(0)
     model, x, t = models.resnet18().eval(), torch.rand(2, 3, 64, 64), torch.tensor([3, 900])
@@ -114,6 +115,11 @@ def test_grad_cam_matches_captum_on_resnet18():
             x, target=t, relu_attributions=True)
         expected = minmax_normalize_ref(captum.LayerAttribution.interpolate(attr, (64, 64), "bilinear"))[:, 0]
         assert_close(cf.grad_cam(model, x, t, layer), expected, rtol=1e-4, atol=1e-4, what=layer)
+    raw = dict(normalize=False, size=None)
+    assert_close(cf.layer_cam(model, x, t, "layer3", **raw), _torchcam(methods.LayerCAM, model, "layer3", x, t),
+                 rtol=1e-4, atol=1e-6, what="vs torchcam LayerCAM")
+    assert_close(cf.cam(model, x, t, relu=False, **raw), _torchcam(methods.CAM, model, "layer4", x, t, fc_layer="fc"),
+                 rtol=1e-4, atol=1e-5, what="vs torchcam CAM")
 
 
 def _torchcam(cls, model, layer, x, t, **kw):
