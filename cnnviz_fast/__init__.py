@@ -5,8 +5,14 @@ lazily when a CUDA tensor (or ``TRITON_INTERPRET=1``) calls for them.
 """
 from ._backend import backends
 from ._hooks import resolve_layer
-from .ops import upsample_normalize
+from .explain.activations import TopKPatches, TopKResult, activation_grid, layer_activations, top_k_patches
+from .explain.patches import Patches, crop_patches, patch_grid
+from .explain.receptive import ReceptiveField, receptive_field
+from .ops import channel_topk_update, upsample_normalize
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "resolve_layer", "upsample_normalize"]
+__all__ = ["backends", "resolve_layer", "upsample_normalize",
+           "channel_topk_update", "layer_activations", "activation_grid", "receptive_field",
+           "ReceptiveField", "TopKPatches", "TopKResult", "top_k_patches", "crop_patches",
+           "patch_grid", "Patches"]

@@ -1,0 +1,1 @@
+"""Explanation methods, by family."""
