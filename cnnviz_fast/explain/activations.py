@@ -146,7 +146,9 @@ class TopKPatches:
 
     model: any ``nn.Module`` (call ``.eval()`` first: in train mode BatchNorm uses batch
     statistics, so results depend on batching — a warning says so). layers: a name, a module,
-    or a list of them; each must output ``[B, C, h, w]`` and run once per forward pass.
+    or a list of them; each must output ``[B, C, h, w]`` and run once per forward pass (a
+    shared module is read at its first call; one that runs again before the forward pass
+    stops raises).
     k >= 1. channels: None (all), a list of indices for every layer, or ``{layer: list}``.
     backend: ``channel_topk_update``'s backend (default: automatic).
     Memory: ``3 * C * k`` numbers per layer, whatever the number of images.
