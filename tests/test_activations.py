@@ -1,5 +1,7 @@
 """layer_activations, activation_grid, TopKPatches / top_k_patches (against the store-all
 reference, across batch sizes, interrupted and resumed), crop_patches and patch_grid."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -157,8 +159,29 @@ def test_image_folder_dataset(net, tmp_path):
         save_image(pic, tmp_path / f"{i}.png")
     dataset = image_folder(tmp_path, 16)
     got = cf.top_k_patches(net, dataset, "4", k=3, batch_size=4, progress=False)["4"]
-    expected = cf.top_k_patches(net, dataset._pixels.float() / 255, "4", k=3, progress=False)["4"]
+    as_tensor = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    expected = cf.top_k_patches(net, as_tensor, "4", k=3, progress=False)["4"]
     assert torch.equal(got.ids, expected.ids) and torch.equal(got.values, expected.values)
+
+
+def test_map_style_dataset_and_progress_bar(net, images, capsys):
+    dataset = torch.utils.data.TensorDataset(images[:9])  # items are 1-tuples; ids are indices
+    got = cf.top_k_patches(net, dataset, "4", k=3, batch_size=4)["4"]
+    expected = cf.top_k_patches(net, images[:9], "4", k=3, progress=False)["4"]
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.values, expected.values)
+    bar = capsys.readouterr().err
+    assert "top_k_patches" in bar and "9/9" in bar
+
+
+def test_train_mode_batchnorm_warns_and_mode_is_kept(images):
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2))
+    with pytest.warns(UserWarning, match="BatchNorm or Dropout in train mode"):
+        cf.TopKPatches(model, "1").update(images[:2])
+    assert model.training and model[1].training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cf.TopKPatches(model.eval(), "1").update(images[:2])
+        cf.TopKPatches(nn.Sequential(nn.Conv2d(3, 2, 3)), "0").update(images[:2])  # nothing batch-dependent
 
 
 def test_state_dict_round_trip_and_memory_is_c_by_k(net, images):

@@ -26,6 +26,8 @@ from ..reference.topk import empty_topk
 from ..viz import colorize, image_grid
 
 _STATE_FORMAT = "cnnviz_fast.TopKPatches/1"
+# Layers whose train-mode output depends on the rest of the batch, or on chance.
+_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 class _StopForward(Exception):
@@ -145,7 +147,7 @@ class TopKPatches:
     included), layer set, k or channel selection is refused, saying why.
 
     model: any ``nn.Module`` (call ``.eval()`` first: in train mode BatchNorm uses batch
-    statistics, so results depend on batching — a warning says so). layers: a name, a module,
+    statistics and Dropout drops at random, so results depend on batching — a warning says so). layers: a name, a module,
     or a list of them; each must output ``[B, C, h, w]`` and run once per forward pass (a
     shared module is read at its first call; one that runs again before the forward pass
     stops raises).
@@ -193,9 +195,9 @@ class TopKPatches:
         ids = torch.as_tensor(ids).to(images.device)
         if ids.dim() != 1 or ids.shape[0] != B or ids.is_floating_point():
             raise ValueError(f"ids: expected {B} integer ids (one per image), got shape {list(ids.shape)}")
-        if self.model.training:
-            warnings.warn("TopKPatches: the model is in train mode; BatchNorm then uses batch "
-                          "statistics and results depend on batching (call model.eval())", stacklevel=2)
+        if any(m.training for m in self.model.modules() if isinstance(m, _BATCH_DEPENDENT)):
+            warnings.warn("TopKPatches: the model has BatchNorm or Dropout in train mode; results then "
+                          "depend on batching or chance (call model.eval())", stacklevel=2)
         pending = {}
 
         def make_hook(name):
