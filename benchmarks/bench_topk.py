@@ -9,8 +9,8 @@ layer4 (k = 9) on generated 224x224 images, side by side in one run:
 Each provider runs the whole stream once (these runs take minutes, so no repeats); images
 are generated batch by batch from a seed in every provider alike (the ``generate`` row is
 that cost alone), so no provider holds the dataset. Peak memory is the process's peak
-resident set (VmHWM, reset through /proc/self/clear_refs) above its size at the start of
-the provider. Because a shared CPU makes single long runs noisy, the ``paired`` rows also
+resident set (VmHWM, reset through /proc/self/clear_refs after malloc_trim) above its size
+at the start of the provider (Linux/glibc only). Because a shared CPU makes single long runs noisy, the ``paired`` rows also
 time forward and ``TopKPatches.update`` on the same batches, alternately, and give the
 median per-batch ratio. Memory flatness: cnnviz-fast and store-all are rerun on
 ``--memory-images`` images and their peaks compared.
@@ -18,6 +18,7 @@ median per-batch ratio. Memory flatness: cnnviz-fast and store-all are rerun on
     PYTHONPATH=. python benchmarks/bench_topk.py [--images 2048] [--memory-images 256]
 """
 import argparse
+import ctypes
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from cnnviz_fast.reference import channel_topk_ref
 LAYERS = ["layer2", "layer3", "layer4"]
 K = 9
 SIZE = 224
+_LIBC = ctypes.CDLL("libc.so.6")
 
 
 def batches(n, batch_size):
@@ -55,6 +57,7 @@ def _status_kib(field):
 
 def timed_peak(fn):
     """(result, seconds, peak MiB above the resident size at the start)."""
+    _LIBC.malloc_trim(0)  # give freed heap back first, so the start is not padded by earlier runs
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     start = _status_kib("VmRSS")
     t0 = time.perf_counter()

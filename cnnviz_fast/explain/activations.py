@@ -316,6 +316,8 @@ def _save_atomic(state: dict, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
