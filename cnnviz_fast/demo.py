@@ -9,11 +9,10 @@ import torch
 from tqdm import tqdm
 
 from ._hooks import capture
+from .models import SHAPES_CNN_CAM_LAYER as CAM_LAYER
 from .ops import upsample_normalize
 from .report import Report
 from .viz import image_grid, overlay, save_image
-
-CAM_LAYER = "features"
 
 
 def _activation_map(model, x, target):
@@ -25,8 +24,16 @@ def _activation_map(model, x, target):
 
 def _methods():
     """(name, one-line description, fn(model, x, target) -> [B, H, W] in [0, 1])."""
+    from . import cam, grad_cam, grad_cam_pp, layer_cam, score_cam
+
     return [
         ("activation_map", "mean activation of the last conv block, upsampled", _activation_map),
+        ("cam", "CAM (Zhou et al. 2016): fc rows of the class over the last conv block",
+         lambda m, x, t: cam(m, x, t, layer=CAM_LAYER)),
+        ("grad_cam", "Grad-CAM (Selvaraju et al. 2017)", lambda m, x, t: grad_cam(m, x, t, CAM_LAYER)),
+        ("grad_cam_pp", "Grad-CAM++ (Chattopadhay et al. 2018)", lambda m, x, t: grad_cam_pp(m, x, t, CAM_LAYER)),
+        ("layer_cam", "LayerCAM (Jiang et al. 2021)", lambda m, x, t: layer_cam(m, x, t, CAM_LAYER)),
+        ("score_cam", "Score-CAM (Wang et al. 2020)", lambda m, x, t: score_cam(m, x, t, CAM_LAYER)),
     ]
 
 
@@ -57,4 +64,33 @@ def run_demo(out, n_images: int = 8, progress: bool = True) -> Path:
         grid = image_grid(torch.cat([x, overlay(x, heat)]), nrow=n_images)
         save_image(grid, out / f"{name}.png")
         report.add(name, grid, f"{description} ({seconds * 1e3:.0f} ms for {n_images} images)")
+    _add_investigation(model, report, out, progress)
     return report.write(out / "report.html")
+
+
+def _add_investigation(model, report: Report, out: Path, progress: bool) -> None:
+    """Dataset-level views: top-k patches of the CAM layer's channels, and a 2-D map of the
+    embedding space, on 240 further held-out images."""
+    from . import crop_patches, embed, embedding_plot, patch_grid, pca, receptive_field, top_k_patches
+    from .data import shapes
+
+    data = shapes(240, seed=2)
+    channels = list(range(8))
+    start = time.perf_counter()
+    result = top_k_patches(model, data.images, CAM_LAYER, k=8, channels=channels, batch_size=60, progress=False)
+    field = receptive_field(model, CAM_LAYER, data.images.shape[-2:])
+    grid = patch_grid(crop_patches(data.images, result[CAM_LAYER], field))
+    save_image(grid, out / "top_k_patches.png")
+    report.add("top_k_patches", grid,
+               f"the 8 image patches (exact {field.size[0]}x{field.size[1]} px receptive fields, grey = "
+               f"outside the image) that most activate channels 0-7 of '{CAM_LAYER}', one row per channel, "
+               f"over {len(data.images)} images ({time.perf_counter() - start:.1f} s)")
+
+    start = time.perf_counter()
+    vectors = embed(model, data.images, "avgpool", batch_size=60, progress=False).vectors
+    figure = embedding_plot(pca(vectors), labels=data.labels, class_names=data.class_names,
+                            title="PCA of the pooled features")
+    save_image(figure, out / "embedding_pca.png")
+    report.add("embedding_pca", figure,
+               f"first two principal components of the {vectors.shape[1]}-d pooled features of "
+               f"{len(vectors)} images, coloured by true class ({time.perf_counter() - start:.1f} s)")

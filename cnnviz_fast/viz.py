@@ -1,6 +1,7 @@
 """Pictures: heatmap overlays, image grids and atomic PNG writes (Pillow, matplotlib colormaps)."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -56,16 +57,21 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value:
     return grid
 
 
-def to_pil(image: torch.Tensor):
-    """``[3, H, W]`` or ``[H, W]`` in [0, 1] -> a Pillow image."""
+def to_pil(image):
+    """``[3, H, W]`` or ``[H, W]`` in [0, 1], or a matplotlib Figure -> a Pillow image."""
     from PIL import Image
+    if hasattr(image, "savefig"):  # a matplotlib Figure, rendered at screen resolution
+        buf = io.BytesIO()
+        image.savefig(buf, format="png", dpi=80)
+        return Image.open(buf).convert("RGB")
     check_tensor("image", image, ndim=(2, 3))
     arr = (image.detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
     return Image.fromarray(arr if arr.ndim == 2 else arr.transpose(1, 2, 0))
 
 
-def save_image(image: torch.Tensor, path) -> Path:
-    """Write ``[3, H, W]`` or ``[H, W]`` in [0, 1] as a PNG, atomically (temp file + rename)."""
+def save_image(image, path) -> Path:
+    """Write ``[3, H, W]`` or ``[H, W]`` in [0, 1] (or a matplotlib Figure) as a PNG, atomically
+    (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")

@@ -58,7 +58,8 @@ class ShapesCNN(nn.Module):
 def shapes_cnn(pretrained: bool = True) -> ShapesCNN:
     """The default model for ``cnnviz_fast.data.shapes`` images (64x64, classes in
     ``SHAPE_CLASSES`` order), in eval mode. ``pretrained`` loads the shipped weights
-    ``cnnviz_fast/weights/shapes_cnn.pt`` (see ``shapes_cnn.md`` there); otherwise the
+    ``cnnviz_fast/weights/shapes_cnn.pt`` (trained by ``python -m
+    cnnviz_fast.models.train_shapes``; figures in README.md); otherwise the
     init is random from the caller's torch RNG."""
     model = ShapesCNN()
     if pretrained:
