@@ -10,3 +10,7 @@ from .ops import upsample_normalize
 __version__ = "0.1.0"
 
 __all__ = ["backends", "resolve_layer", "upsample_normalize"]
+
+from .explain.occlusion import occlusion  # noqa: E402
+
+__all__ += ["occlusion"]

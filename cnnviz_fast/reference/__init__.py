@@ -2,3 +2,7 @@
 from .upsample import upsample_normalize_ref
 
 __all__ = ["upsample_normalize_ref"]
+
+from .occlusion import occlusion_copies_ref, occlusion_scatter_ref  # noqa: E402
+
+__all__ += ["occlusion_copies_ref", "occlusion_scatter_ref"]
