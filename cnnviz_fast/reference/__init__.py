@@ -2,3 +2,6 @@
 from .upsample import upsample_normalize_ref
 
 __all__ = ["upsample_normalize_ref"]
+from .incremental import incremental_gather_ref  # noqa: E402
+
+__all__ += ["incremental_gather_ref"]

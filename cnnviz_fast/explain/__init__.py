@@ -1,0 +1,1 @@
+"""Explanation methods, one module per family (re-exported from cnnviz_fast)."""
