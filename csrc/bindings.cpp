@@ -4,6 +4,7 @@
 namespace cnnviz {
 void bind_upsample(py::module_& m);
 void bind_occlusion(py::module_& m);
+void bind_incremental(py::module_& m);
 }  // namespace cnnviz
 
 PYBIND11_MODULE(_C, m) {
@@ -11,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp_threads") = cnnviz::num_threads();
   cnnviz::bind_upsample(m);
   cnnviz::bind_occlusion(m);
+  cnnviz::bind_incremental(m);
 }

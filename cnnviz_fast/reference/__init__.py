@@ -6,3 +6,7 @@ __all__ = ["upsample_normalize_ref"]
 from .occlusion import occlusion_copies_ref, occlusion_scatter_ref  # noqa: E402
 
 __all__ += ["occlusion_copies_ref", "occlusion_scatter_ref"]
+
+from .incremental import incremental_gather_ref  # noqa: E402
+
+__all__ += ["incremental_gather_ref"]
