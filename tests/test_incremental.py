@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnviz_fast.explain._incremental import UnsupportedModel, incremental_outputs, theoretical_flop_ratio
+from cnnviz_fast.explain.occlusion import _window_positions
 
 
 def occluded_outputs(model, image, baseline, positions, window):
@@ -30,10 +31,8 @@ def assert_matches_full(model, image, positions, window, baseline=None, **kw):
 
 
 def sweep(H, W, window, stride):
-    """Captum-style window corners: every stride, windows inside the image."""
-    ys = torch.arange(0, H - window[0] + 1, stride[0])
-    xs = torch.arange(0, W - window[1] + 1, stride[1])
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).view(-1, 2)
+    """Captum's window corners: every stride from 0, the last windows clipped at the border."""
+    return _window_positions(H, W, window, stride)
 
 
 def pick(positions, n, seed):
@@ -151,6 +150,8 @@ def test_whole_image_window_and_single_position():
     model, image = NETS["plain"], torch.randn(3, 16, 20)
     assert_matches_full(model, image, torch.tensor([[0, 0]]), (16, 20))
     assert_matches_full(model, image, torch.tensor([[15, 19]]), (1, 1))
+    # a window running past the bottom-right corner is clipped there (Captum's last windows)
+    assert_matches_full(model, image, torch.tensor([[13, 17]]), (5, 5))
 
 
 def test_model_left_as_found():
@@ -201,7 +202,7 @@ def test_untraceable_model_names_the_layer():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(positions=torch.tensor([[0, 5]])), "positions: every window"),
+    (dict(positions=torch.tensor([[0, 8]])), "positions: every window"),
     (dict(positions=torch.tensor([[-1, 0]])), "positions: every window"),
     (dict(positions=torch.tensor([[0.0, 0.0]])), "positions: expected an int64"),
     (dict(window=9), "window: .* larger than the image"),

@@ -1,6 +1,4 @@
 """occlusion(): Captum's Occlusion numbers, batched; modes, targets, baselines, bad input."""
-import sys
-import types
 import warnings
 
 import pytest
@@ -8,8 +6,8 @@ import torch
 from torch import nn
 
 from cnnviz_fast import occlusion
+from cnnviz_fast.explain import _incremental
 from cnnviz_fast.explain.occlusion import _window_positions
-from cnnviz_fast.reference import occlusion_copies_ref
 from tests.helpers import assert_close
 
 captum_attr = pytest.importorskip("captum.attr", reason="captum is the peer the maps must equal")
@@ -166,53 +164,72 @@ def test_drill_down_exact_limits_and_cost(net):
     assert corr > 0.5
 
 
-def _fake_incremental(calls, unsupported=None):
-    """A stand-in of cnnviz_fast.explain._incremental (issue 5b) with its interface: exact
-    outputs by full inference on the occluded copies."""
-    module = types.ModuleType("cnnviz_fast.explain._incremental")
-
-    class UnsupportedModel(Exception):
-        def __init__(self, layer):
-            super().__init__(layer)
-            self.layer = layer
-
-    def incremental_outputs(model, image, baseline, positions, window, tau=None, batch_size=None):
-        calls.append(dict(P=len(positions), tau=tau, batch_size=batch_size))
-        if unsupported:
-            raise UnsupportedModel(unsupported)
-        idx = torch.zeros(len(positions), dtype=torch.long)
-        return model(occlusion_copies_ref(image[None], baseline[None], idx, positions, window))
-
-    module.UnsupportedModel, module.incremental_outputs = UnsupportedModel, incremental_outputs
-    return module
-
-
-def test_incremental_and_approximate_call_the_incremental_engine(net, monkeypatch):
+def spy_engine(monkeypatch):
+    """Record every call occlusion() makes to the incremental engine, which still runs."""
     calls = []
-    monkeypatch.setitem(sys.modules, "cnnviz_fast.explain._incremental", _fake_incremental(calls))
+    real = _incremental.incremental_outputs
+
+    def recording(model, image, baseline, positions, window, tau=None, batch_size=None):
+        calls.append(dict(P=len(positions), tau=tau, batch_size=batch_size))
+        return real(model, image, baseline, positions, window, tau=tau, batch_size=batch_size)
+
+    monkeypatch.setattr(_incremental, "incremental_outputs", recording)
+    return calls
+
+
+@pytest.mark.parametrize("H, W, window, stride", CAPTUM_CASES[:2])
+def test_incremental_equals_exact_and_captum(net, monkeypatch, H, W, window, stride):
+    calls = spy_engine(monkeypatch)
+    x = torch.randn(2, 3, H, W)
+    expected = captum_map(net, x, torch.tensor([1, 3]), window, stride, 0.25)
+    exact = occlusion(net, x, [1, 3], window=window, stride=stride, baseline=0.25)
+    got = occlusion(net, x, [1, 3], window=window, stride=stride, baseline=0.25, mode="incremental", batch_size=5)
+    P = len(_window_positions(H, W, window, stride))
+    assert calls == [dict(P=P, tau=None, batch_size=5)] * 2  # one engine call per image, every window
+    # the issue's tolerance: max abs difference at most 1e-4 of the score range
+    for reference in (exact, expected):
+        span = (reference.max() - reference.min()).item()
+        assert_close(got, reference, rtol=0, atol=1e-4 * span, what=f"incremental {H}x{W} {window}")
+
+
+def test_approximate_uses_the_engine_with_tau(net, monkeypatch):
+    calls = spy_engine(monkeypatch)
     x = torch.randn(2, 3, 14, 12)
     exact = occlusion(net, x, [0, 2], window=4, stride=3)
-    got = occlusion(net, x, [0, 2], window=4, stride=3, mode="incremental", batch_size=9)
-    assert_close(got, exact, rtol=1e-5, atol=1e-6)
-    assert calls == [dict(P=20, tau=None, batch_size=9)] * 2  # one call per image, every window
-    calls.clear()
-    approx = occlusion(net, x, [0, 2], window=4, stride=3, mode="approximate", tau=0.3, refine_fraction=1.0)
-    assert_close(approx, exact, rtol=1e-5, atol=1e-6)
-    assert calls and all(c["tau"] == 0.3 for c in calls)
+    # tau=1 caps nothing and refining every window is the exact map
+    approx = occlusion(net, x, [0, 2], window=4, stride=3, mode="approximate", tau=1.0, refine_fraction=1.0)
+    assert_close(approx, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    assert calls and all(c["tau"] == 1.0 for c in calls)
 
 
-def test_unsupported_model_falls_back_to_exact_with_warning(net, monkeypatch):
-    calls = []
-    monkeypatch.setitem(sys.modules, "cnnviz_fast.explain._incremental",
-                        _fake_incremental(calls, unsupported="head.custom"))
+class DataDependent(nn.Module):
+    """Control flow on values: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_untraceable_model_falls_back_to_exact_with_warning(net):
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), DataDependent(), net).eval()
     x = torch.randn(1, 3, 10, 10)
-    with pytest.warns(RuntimeWarning, match="head.custom"):
-        got = occlusion(net, x, 1, window=4, stride=2, mode="incremental")
-    assert_close(got, occlusion(net, x, 1, window=4, stride=2), rtol=1e-6, atol=0)
+    with pytest.warns(RuntimeWarning, match="layer '1'"):
+        got = occlusion(model, x, 1, window=4, stride=2, mode="incremental")
+    assert_close(got, occlusion(model, x, 1, window=4, stride=2), rtol=1e-6, atol=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        occlusion(net, x, 1, window=4, stride=2, mode="approximate", refine_fraction=0.5)
+        occlusion(model, x, 1, window=4, stride=2, mode="approximate", refine_fraction=0.5)
     assert len(caught) == 1  # warned once, then the sweep stays on full inference
+
+
+def test_unsupported_layer_runs_full_maps_with_warning(net):
+    # bilinear upsampling mid-network: supported layers before it stay incremental
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"),
+                          net).eval()
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.warns(RuntimeWarning, match=r"layer '1' \(Upsample\)"):
+        got = occlusion(model, x, 2, window=3, stride=2, mode="incremental")
+    exact = occlusion(model, x, 2, window=3, stride=2)
+    assert_close(got, exact, rtol=0, atol=1e-4 * (exact.max() - exact.min()).item())
 
 
 @pytest.mark.parametrize("kwargs, match", [

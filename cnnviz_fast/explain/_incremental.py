@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +147,7 @@ class _Plan:
     boxes: dict       # node -> int64 [N, 4] (y0, y1, x0, x1), half-open; spatial nodes only
     full: dict        # node -> bool [N]
     cost: np.ndarray  # [N] conv/linear MACs of each patch, as the engine computes them
+    fallback: str | None  # the first unsupported layer that forces full maps on some patch
 
 
 class _Engine:
@@ -168,7 +170,7 @@ class _Engine:
                     self.clean[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), self.clean.__getitem__))
                     if any(a in dependent for a in n.all_input_nodes):
                         dependent.add(n)
-        self.kind, self.window, self.macs = {}, {}, {}
+        self.kind, self.window, self.macs, self.identity = {}, {}, {}, set()
         for n in self.nodes:
             self.kind[n] = _OUTPUT if n.op == "output" else _INPUT if n is self.input else \
                 _CONST if n not in dependent else self._classify(n)
@@ -213,6 +215,10 @@ class _Engine:
                 if window is not None:
                     self.window[n] = window
                     return _WINDOW
+                # Adaptive pooling to the input's own size (VGG's 7x7 avgpool at 224 px) is the identity.
+                if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and self._spatial(n.args[0]) == hw:
+                    self.identity.add(n)
+                    return _POINTWISE
                 if isinstance(m, _POINTWISE_MODULES) and not m.training and self._pointwise_args(n, hw):
                     return _POINTWISE
             return _OTHER
@@ -247,12 +253,17 @@ class _Engine:
         wh, ww = window
         boxes, full = {}, {}
         cost = np.zeros(N, dtype=np.float64)
+        fallback = None
         for n in self.nodes:
             kind = self.kind[n]
             hw = self._spatial(n)
             if kind in (_CONST, _OUTPUT):
                 continue
             if kind == _OTHER:
+                # Heads (global pooling, flatten, linear) leave no map to update: no fallback.
+                if fallback is None and hw is not None and hw != (1, 1) and not all(
+                        full.get(a, np.ones(1, dtype=bool)).all() for a in n.all_input_nodes):
+                    fallback = self._layer_name(n)
                 full[n] = np.ones(N, dtype=bool)
                 cost += self.macs[n]
                 if hw is not None:
@@ -260,7 +271,9 @@ class _Engine:
                 continue
             inputs = [a for a in n.all_input_nodes if self.kind[a] != _CONST]
             if kind == _INPUT:
-                box = np.stack([positions[:, 0], positions[:, 0] + wh, positions[:, 1], positions[:, 1] + ww], 1)
+                # windows past the border are clipped there (Captum's last windows)
+                box = np.stack([positions[:, 0], np.minimum(positions[:, 0] + wh, hw[0]),
+                                positions[:, 1], np.minimum(positions[:, 1] + ww, hw[1])], 1)
             elif kind == _WINDOW:
                 box = self._projective_field(boxes[inputs[0]], self.window[n], hw)
             else:  # union of the inputs' boxes
@@ -274,7 +287,13 @@ class _Engine:
             boxes[n], full[n] = box, is_full
             # A full patch's box is the whole map: its MACs are the layer's full count.
             cost += self.macs[n] * (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]) / (hw[0] * hw[1])
-        return _Plan(boxes, full, cost)
+        return _Plan(boxes, full, cost, fallback)
+
+    def _layer_name(self, n) -> str:
+        """A node as users know it: ``'name' (Module)``, or the function or method called."""
+        if n.op == "call_module":
+            return f"{n.target!r} ({type(self.modules[n.target]).__name__})"
+        return f"{n.name!r} ({getattr(n.target, '__name__', n.target)})"
 
     def _projective_field(self, box, window: _Window, hw):
         """Output box of a sliding-window layer whose input changed inside ``box``."""
@@ -375,7 +394,8 @@ class _Engine:
                                 torch.equal(state.offsets, dev_offsets):
                             return state.values
                         return gather(a, dev_offsets, size)
-                    out = self._call(n, fx.node.map_arg((n.args, n.kwargs), operand))
+                    out = operand(n.args[0]) if n in self.identity else \
+                        self._call(n, fx.node.map_arg((n.args, n.kwargs), operand))
                 states[n] = _Region(out, dev_offsets)
             for a in n.all_input_nodes:
                 if self.last_use[a] == i and self.kind[a] != _CONST:
@@ -399,8 +419,9 @@ def _check_positions(image, positions, window):
     if wh > H or ww > W:
         raise ValueError(f"window: {(wh, ww)} is larger than the image {(H, W)}")
     pos = positions.cpu().numpy()
-    if len(pos) and ((pos < 0).any() or (pos[:, 0] > H - wh).any() or (pos[:, 1] > W - ww).any()):
-        raise ValueError(f"positions: every window {(wh, ww)} must lie inside the image {(H, W)}")
+    if len(pos) and ((pos < 0).any() or (pos[:, 0] >= H).any() or (pos[:, 1] >= W).any()):
+        raise ValueError(f"positions: every window must start inside the image {(H, W)} "
+                         f"(it may run past the border, clipped there)")
     return pos, (wh, ww)
 
 
@@ -410,8 +431,8 @@ def incremental_outputs(model: nn.Module, image: torch.Tensor, baseline: torch.T
     """Model outputs for occluded copies of one image, by incremental inference (Krypton).
 
     image, baseline: ``[C, H, W]`` float tensors on the model's device (baseline already
-    expanded). positions: int64 ``[P, 2]``, the (top, left) corner of each window, every
-    window inside the image. window: int or ``(wh, ww)``. Returns ``[P, *out_shape[1:]]`` on
+    expanded). positions: int64 ``[P, 2]``, the (top, left) corner of each window inside the
+    image; a window running past the border is clipped there (as Captum's last windows). window: int or ``(wh, ww)``. Returns ``[P, *out_shape[1:]]`` on
     the image's device, equal to ``model(x)`` with ``x[p] = image`` and its window ``p`` set to
     ``baseline``, to float32 rounding (the model in eval mode), and independent of
     ``batch_size`` (patches per pass; None picks one from a 2 GiB budget, at most 64).
@@ -431,6 +452,9 @@ def incremental_outputs(model: nn.Module, image: torch.Tensor, baseline: torch.T
         raise ValueError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
     engine = _Engine(model, image, tau)
     plan = engine.plan(pos, window)
+    if plan.fallback is not None:
+        warnings.warn(f"incremental inference does not support layer {plan.fallback}: it and every "
+                      f"layer after it run on full maps (exact, slower)", RuntimeWarning, stacklevel=2)
     if batch_size is None:
         largest = max((v.numel() * v.element_size() for v in engine.clean.values() if isinstance(v, torch.Tensor)), default=1)
         batch_size = int(min(_MAX_BATCH, max(1, _BATCH_BUDGET_BYTES // (3 * largest))))
