@@ -2,32 +2,49 @@
 and 64, and cnnviz-fast exact / incremental / approximate, side by side in one run.
 
 224x224 inputs, window 16, strides 8 and 4, random weights (vgg16, resnet18). A full map is
-729 (stride 8) or 2809 (stride 4) forward passes, minutes per provider on a small CPU, so the
-sweep providers are timed on a fixed subset of window positions: a grid of ``--grid`` x
-``--grid`` (top, left) corners spread evenly over the stride's corners, borders included.
-Every provider's time includes one clean forward pass; ``ms/pos`` is its p50 divided by the
-number of positions. The approximate mode (a global drill-down) is timed on full maps against
-the exact full map, which is also the reference of its SSIM (models in ``--ssim-models``).
+729 (stride 8) or 2809 (stride 4) forward passes, many minutes per provider on this small
+shared CPU, so the sweep rows time every provider on the same subset of window positions: a
+grid of ``--grid`` x ``--grid`` (top, left) corners spread evenly over the stride's corners,
+borders included. Every provider's time includes one clean forward pass; ``ms/pos`` is its
+p50 divided by the number of positions. ``theory_x`` is the FLOP (conv and linear MACs) ratio
+of full over incremental inference averaged over the row's positions, ``theory_all_x`` over
+all of the stride's positions; ``of_theory`` is the measured speedup over full re-inference
+divided by ``theory_x``.
 
-    PYTHONPATH=. python benchmarks/bench_occlusion.py [--grid 8] [--ssim-models resnet18]
+The full-map rows (stride ``--map-strides``) time the exact map by incremental inference (it
+is also the reference of every row's SSIM) and the approximate settings (tau, refine
+fraction r); ``vs_full_est`` is full re-inference's measured ms/pos (the sweep row) times the
+number of positions, divided by the row's p50.
+
+Threads: ``--threads`` (default 1) for torch and the C++ kernels, set before torch loads. On
+this machine, shared by several processes on 2 cores, two OpenMP threads make every operator
+wait for a descheduled partner (a batch-1 resnet18 forward took 3.4 s with 2 threads, 0.085 s
+with 1), which would measure the machine's load rather than the methods.
+
+    PYTHONPATH=. python benchmarks/bench_occlusion.py [--grid 4] [--models vgg16,resnet18]
 """
 import argparse
-import importlib.util
+import os
+import sys
 
-import torch
-from skimage.metrics import structural_similarity
+if __name__ == "__main__":
+    _threads = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), "1")
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
 
-from _runner import BenchTable
-from captum.attr import Occlusion
-from cnnviz_fast import models, occlusion
-from cnnviz_fast.explain.occlusion import _Sweep, _window_positions
-from cnnviz_fast.reference.upsample import minmax_normalize_ref
+import torch  # noqa: E402
+from skimage.metrics import structural_similarity  # noqa: E402
+
+from _runner import BenchTable  # noqa: E402
+from captum.attr import Occlusion  # noqa: E402
+from cnnviz_fast import models, occlusion  # noqa: E402
+from cnnviz_fast.explain._incremental import theoretical_flop_ratio  # noqa: E402
+from cnnviz_fast.explain.occlusion import _Sweep, _window_positions  # noqa: E402
+from cnnviz_fast.reference.upsample import minmax_normalize_ref  # noqa: E402
 
 SIZE, WINDOW = 224, (16, 16)
-HAS_INCREMENTAL = importlib.util.find_spec("cnnviz_fast.explain._incremental") is not None
-# (tau, refine_fraction) of the approximate rows; tau=None evaluates windows by full inference
-APPROXIMATE = [(None, 0.25), (None, 0.1)] + ([(1.0, 0.25), (0.5, 0.25), (0.5, 0.1), (0.3, 0.1)]
-                                              if HAS_INCREMENTAL else [])
+# (tau, refine_fraction) of the approximate rows: tau caps the projective fields, r is the
+# drill-down's refined fraction at the fine stride (coarse stride 16 = the window)
+APPROXIMATE = [(1.0, 0.25), (0.5, 0.25), (0.5, 0.1), (0.3, 0.1)]
 
 
 def grid_subset(stride, grid):
@@ -74,76 +91,86 @@ def ssim(a, b):
 
 
 def sweep_rows(table, name, model, x, target, stride, grid):
+    """The sweep providers on a grid of positions; returns full re-inference's ms/pos."""
     ids, positions = grid_subset(stride, grid)
     n = len(ids)
     case = f"{name} s{stride} {n}pos"
     zeros = torch.zeros(n, dtype=torch.long)
     exact = _Sweep(model, x, target, WINDOW, 0.0).drops(zeros, positions)[:, 0]
     torch.testing.assert_close(exact, full_reinference(model, x, target, positions), rtol=1e-4, atol=1e-4)
+    incremental = _Sweep(model, x, target, WINDOW, 0.0, incremental=True).drops(zeros, positions)[:, 0]
+    span = (exact.max() - exact.min()).item()
+    assert (incremental - exact).abs().max() <= 1e-4 * span, "incremental differs from exact"
 
     def add(provider, fn, **extra):
         row = table.add(case, provider, fn, min_run_time=0.1, positions=n, **extra)
         row["ms/pos"] = row["p50_ms"] / n
+        return row
 
-    add("full re-inference b16", lambda: full_reinference(model, x, target, positions))
+    full = add("full re-inference b16", lambda: full_reinference(model, x, target, positions))
     for ppe in (1, 16, 64):
         captum = SubsetOcclusion(model, ids.tolist())
         add(f"captum ppe={ppe}", lambda: captum.attribute(
             x, target=target, sliding_window_shapes=(3, *WINDOW), strides=(3, stride, stride),
             perturbations_per_eval=ppe))
     add("cnnviz exact", lambda: _Sweep(model, x, target, WINDOW, 0.0).drops(zeros, positions))
-    if HAS_INCREMENTAL:
-        from cnnviz_fast.explain._incremental import theoretical_flop_ratio
-        every = _window_positions(SIZE, SIZE, WINDOW, (stride, stride))
-        add("cnnviz incremental",
-            lambda: _Sweep(model, x, target, WINDOW, 0.0, incremental=True).drops(zeros, positions),
-            theory_x=theoretical_flop_ratio(model, tuple(x.shape[1:]), positions, WINDOW),
-            theory_all_x=theoretical_flop_ratio(model, tuple(x.shape[1:]), every, WINDOW))
+    every = _window_positions(SIZE, SIZE, WINDOW, (stride, stride))
+    theory = theoretical_flop_ratio(model, tuple(x.shape[1:]), positions, WINDOW)
+    row = add("cnnviz incremental",
+              lambda: _Sweep(model, x, target, WINDOW, 0.0, incremental=True).drops(zeros, positions),
+              theory_x=theory, theory_all_x=theoretical_flop_ratio(model, tuple(x.shape[1:]), every, WINDOW))
+    row["of_theory"] = row["vs_baseline"] / theory
+    return full["ms/pos"]
 
 
-def map_rows(table, name, model, x, target, stride):
+def map_rows(table, name, model, x, target, stride, full_ms_per_pos):
+    """Full maps: exact by incremental inference (the SSIM reference), then approximate."""
     case = f"{name} s{stride} full map"
-    n = len(_window_positions(SIZE, SIZE, WINDOW, (stride, stride)))
-    exact = occlusion(model, x, target, WINDOW, stride)
+    every = _window_positions(SIZE, SIZE, WINDOW, (stride, stride))
+    n, maps = len(every), {}
 
-    def add(provider, fn, result, **extra):
-        row = table.add(case, provider, fn, min_run_time=0.1, positions=n, ssim=ssim(result[0], exact[0]), **extra)
+    def add(provider, **kw):
+        def run():
+            maps[provider] = occlusion(model, x, target, WINDOW, stride, **kw)
+        row = table.add(case, provider, run, min_run_time=0.1, positions=n)
         row["ms/pos"] = row["p50_ms"] / n
+        row["vs_full_est"] = full_ms_per_pos * n / row["p50_ms"]
+        row["ssim"] = ssim(maps[provider][0], maps["cnnviz incremental"][0])
+        return row
 
-    add("cnnviz exact", lambda: occlusion(model, x, target, WINDOW, stride), exact)
+    add("cnnviz incremental", mode="incremental")["theory_x"] = theoretical_flop_ratio(
+        model, tuple(x.shape[1:]), every, WINDOW)
     for tau, r in APPROXIMATE:
-        kw = dict(mode="approximate", tau=tau, refine_fraction=r)
-        add(f"approx tau={tau} r={r}", lambda: occlusion(model, x, target, WINDOW, stride, **kw),
-            occlusion(model, x, target, WINDOW, stride, **kw), tau=tau, refine=r)
+        row = add(f"approx tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
+                  coarse_stride=WINDOW)
+        row.update(tau=tau, refine=r)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="vgg16,resnet18")
     parser.add_argument("--strides", default="8,4")
-    parser.add_argument("--grid", type=int, default=8, help="grid x grid window positions per sweep row")
-    parser.add_argument("--ssim-models", default="resnet18", help="models whose full maps are computed")
-    parser.add_argument("--ssim-strides", default="8")
+    parser.add_argument("--grid", type=int, default=4, help="grid x grid window positions per sweep row")
+    parser.add_argument("--map-strides", default="8", help="strides of the full-map (approximate) rows")
+    parser.add_argument("--threads", default="1", help="torch and OpenMP threads (pass as --threads=N)")
     args = parser.parse_args()
+    torch.set_num_threads(int(args.threads))
     table = BenchTable("occlusion", "cpu", size=SIZE, window=WINDOW, grid=args.grid, weights="random",
-                       incremental_available=HAS_INCREMENTAL)
+                       omp_threads=os.environ["OMP_NUM_THREADS"])
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = getattr(models, name)().eval()
         x = torch.rand(1, 3, SIZE, SIZE)
         with torch.no_grad():
             target = int(model(x).argmax())
-            for stride in map(int, args.strides.split(",")):
-                sweep_rows(table, name, model, x, target, stride, args.grid)
-            if name in args.ssim_models.split(","):
-                for stride in map(int, args.ssim_strides.split(",")):
-                    map_rows(table, name, model, x, target, stride)
-    note = (f"sweep rows: {args.grid}x{args.grid} window positions per row, p50 includes one clean forward; "
-            f"ms/pos = p50 / positions; full-map rows: speedup vs cnnviz exact full map, ssim vs it; "
-            f"shared 2-core CPU, noisy")
-    if not HAS_INCREMENTAL:
-        note += "; incremental rows pending (cnnviz_fast.explain._incremental not merged)"
-    table.report(note)
+            full_ms = {stride: sweep_rows(table, name, model, x, target, stride, args.grid)
+                       for stride in map(int, args.strides.split(","))}
+            for stride in map(int, args.map_strides.split(",")):
+                map_rows(table, name, model, x, target, stride, full_ms[stride])
+    table.report(f"sweep rows: {args.grid}x{args.grid} window positions, p50 includes one clean forward, "
+                 f"ms/pos = p50 / positions; full-map rows: speedup vs their exact incremental map, "
+                 f"vs_full_est = full re-inference ms/pos x positions / p50, ssim vs the exact map; "
+                 f"shared 2-core CPU (noisy), {args.threads} thread(s)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from cnnviz_fast import occlusion
 from cnnviz_fast.explain import _incremental
 from cnnviz_fast.explain.occlusion import _window_positions
 from tests.helpers import assert_close
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 captum_attr = pytest.importorskip("captum.attr", reason="captum is the peer the maps must equal")
 

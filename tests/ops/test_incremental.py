@@ -5,6 +5,7 @@ import torch
 from cnnviz_fast.ops import incremental_gather
 from cnnviz_fast.reference import incremental_gather_ref
 from tests.helpers import assert_close, fast_backends
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 # (P, C, H, W, rh, rw, th, tw): why each shape is here
 SHAPES = [

@@ -6,6 +6,7 @@ from cnnviz_fast.explain.occlusion import _window_positions
 from cnnviz_fast.ops import occlusion_copies, occlusion_scatter
 from cnnviz_fast.reference import occlusion_copies_ref, occlusion_scatter_ref
 from tests.helpers import assert_close, fast_backends
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 # (N, C, H, W, window, stride): why each shape is here
 SHAPES = [
