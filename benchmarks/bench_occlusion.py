@@ -42,9 +42,10 @@ from cnnviz_fast.explain.occlusion import _Sweep, _window_positions  # noqa: E40
 from cnnviz_fast.reference.upsample import minmax_normalize_ref  # noqa: E402
 
 SIZE, WINDOW = 224, (16, 16)
-# (tau, refine_fraction) of the approximate rows: tau caps the projective fields, r is the
-# drill-down's refined fraction at the fine stride (coarse stride 16 = the window)
-APPROXIMATE = [(1.0, 0.25), (0.5, 0.25), (0.5, 0.1), (0.3, 0.1)]
+# (tau, refine_fraction) of the approximate rows: tau caps the projective fields (1.0: no cap),
+# r is the drill-down's refined fraction at the fine stride (coarse stride 16 = the window;
+# 1.0: no drill-down)
+APPROXIMATE = [(0.7, 1.0), (0.5, 1.0), (1.0, 0.5), (0.3, 0.1)]
 
 
 def grid_subset(stride, grid):
