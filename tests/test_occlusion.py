@@ -166,15 +166,15 @@ def test_drill_down_exact_limits_and_cost(net):
 
 
 def spy_engine(monkeypatch):
-    """Record every call occlusion() makes to the incremental engine, which still runs."""
+    """Record every list of windows occlusion() hands to the incremental engine, which still runs."""
     calls = []
-    real = _incremental.incremental_outputs
+    real = _incremental._Engine.outputs
 
-    def recording(model, image, baseline, positions, window, tau=None, batch_size=None):
-        calls.append(dict(P=len(positions), tau=tau, batch_size=batch_size))
-        return real(model, image, baseline, positions, window, tau=tau, batch_size=batch_size)
+    def recording(engine, baseline, positions, window, batch_size=None):
+        calls.append(dict(P=len(positions), tau=engine.tau, batch_size=batch_size))
+        return real(engine, baseline, positions, window, batch_size)
 
-    monkeypatch.setattr(_incremental, "incremental_outputs", recording)
+    monkeypatch.setattr(_incremental._Engine, "outputs", recording)
     return calls
 
 

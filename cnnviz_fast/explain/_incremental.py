@@ -170,6 +170,8 @@ class _Engine:
                     self.clean[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), self.clean.__getitem__))
                     if any(a in dependent for a in n.all_input_nodes):
                         dependent.add(n)
+        # the clean image's model output, [1, ...]
+        self.output = fx.node.map_arg(self.nodes[-1].args[0], self.clean.__getitem__)
         self.kind, self.window, self.macs, self.identity = {}, {}, {}, set()
         for n in self.nodes:
             self.kind[n] = _OUTPUT if n.op == "output" else _INPUT if n is self.input else \
@@ -321,6 +323,34 @@ class _Engine:
             box[:, 2 * axis] = start
         return box
 
+    def outputs(self, baseline: torch.Tensor, positions: torch.Tensor, window, batch_size: int | None = None):
+        """Model outputs ``[P, ...]`` of the occluded copies (see ``incremental_outputs``)."""
+        image = self.clean[self.input][0]
+        check_tensor("baseline", baseline, ndim=3)
+        if baseline.shape != image.shape:
+            raise ValueError(f"baseline: expected shape {tuple(image.shape)} like image, got {tuple(baseline.shape)}")
+        check_same_device(image=image, baseline=baseline, positions=positions)
+        pos, window = _check_positions(image, positions, window)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
+        plan = self.plan(pos, window)
+        if plan.fallback is not None:
+            warnings.warn(f"incremental inference does not support layer {plan.fallback}: it and every "
+                          f"layer after it run on full maps (exact, slower)", RuntimeWarning, stacklevel=3)
+        if batch_size is None:
+            largest = max((v.numel() * v.element_size() for v in self.clean.values() if isinstance(v, torch.Tensor)),
+                          default=1)
+            batch_size = int(min(_MAX_BATCH, max(1, _BATCH_BUDGET_BYTES // (3 * largest))))
+        # Patches of similar cost share a batch, so a batch's common region size wastes little.
+        order = np.argsort(plan.cost, kind="stable")
+        baseline = baseline.to(image.dtype)
+        with torch.no_grad():
+            out = torch.cat([self.run(plan, order[s:s + batch_size], baseline, pos, window)
+                             for s in range(0, len(order), batch_size)])
+            result = torch.empty_like(out)
+            result[torch.from_numpy(order).to(out.device)] = out
+        return result
+
     # ----- execution of one batch of patches -----
 
     def run(self, plan: _Plan, index: np.ndarray, baseline: torch.Tensor, positions: np.ndarray, window):
@@ -432,42 +462,28 @@ def incremental_outputs(model: nn.Module, image: torch.Tensor, baseline: torch.T
 
     image, baseline: ``[C, H, W]`` float tensors on the model's device (baseline already
     expanded). positions: int64 ``[P, 2]``, the (top, left) corner of each window inside the
-    image; a window running past the border is clipped there (as Captum's last windows). window: int or ``(wh, ww)``. Returns ``[P, *out_shape[1:]]`` on
-    the image's device, equal to ``model(x)`` with ``x[p] = image`` and its window ``p`` set to
-    ``baseline``, to float32 rounding (the model in eval mode), and independent of
-    ``batch_size`` (patches per pass; None picks one from a 2 GiB budget, at most 64).
-    tau: None for exact results, or Krypton's projective-field threshold in (0, 1]:
-    approximate, each updated region capped at ``ceil(tau * map side)`` per side.
-    Raises ``UnsupportedModel`` (with ``.layer``) when torch.fx cannot trace the model.
+    image; a window running past the border is clipped there (as Captum's last windows).
+    window: int or ``(wh, ww)``. Returns ``[P, *out_shape[1:]]`` on the image's device, equal
+    to ``model(x)`` with ``x[p] = image`` and its window ``p`` set to ``baseline``, to float32
+    rounding (the model in eval mode), and independent of ``batch_size`` (patches per pass;
+    None picks one from a 2 GiB budget, at most 64). tau: None for exact results, or
+    Krypton's projective-field threshold in (0, 1]: approximate, each updated region capped at
+    ``ceil(tau * map side)`` per side. Raises ``UnsupportedModel`` (with ``.layer``) when
+    torch.fx cannot trace the model; warns (RuntimeWarning) naming the first traced layer it
+    does not support, from which on it runs full maps.
     """
+    return incremental_engine(model, image, tau).outputs(baseline, positions, window, batch_size)
+
+
+def incremental_engine(model: nn.Module, image: torch.Tensor, tau: float | None = None) -> _Engine:
+    """The traced model with the clean activations of ``image [C, H, W]``: ``.output`` is the
+    clean model output ``[1, ...]``, ``.outputs(baseline, positions, window, batch_size)``
+    the occluded copies' outputs as ``incremental_outputs`` describes (reuse it for several
+    lists of windows of one image)."""
     check_tensor("image", image, ndim=3)
-    check_tensor("baseline", baseline, ndim=3)
-    if baseline.shape != image.shape:
-        raise ValueError(f"baseline: expected shape {tuple(image.shape)} like image, got {tuple(baseline.shape)}")
-    check_same_device(image=image, baseline=baseline, positions=positions)
-    pos, window = _check_positions(image, positions, window)
     if tau is not None and not 0 < tau <= 1:
         raise ValueError(f"tau: expected None or a fraction in (0, 1], got {tau!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
-    engine = _Engine(model, image, tau)
-    plan = engine.plan(pos, window)
-    if plan.fallback is not None:
-        warnings.warn(f"incremental inference does not support layer {plan.fallback}: it and every "
-                      f"layer after it run on full maps (exact, slower)", RuntimeWarning, stacklevel=2)
-    if batch_size is None:
-        largest = max((v.numel() * v.element_size() for v in engine.clean.values() if isinstance(v, torch.Tensor)), default=1)
-        batch_size = int(min(_MAX_BATCH, max(1, _BATCH_BUDGET_BYTES // (3 * largest))))
-    # Patches of similar cost share a batch, so a batch's common region size wastes little.
-    order = np.argsort(plan.cost, kind="stable")
-    baseline = baseline.to(image.dtype)
-    with torch.no_grad():
-        parts = [engine.run(plan, order[s:s + batch_size], baseline, pos, window)
-                 for s in range(0, len(order), batch_size)]
-        out = torch.cat(parts)
-        result = torch.empty_like(out)
-        result[torch.from_numpy(order).to(out.device)] = out
-    return result
+    return _Engine(model, image, tau)
 
 
 def theoretical_flop_ratio(model: nn.Module, image_shape, positions: torch.Tensor, window) -> float:
