@@ -232,7 +232,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         ``torch.fx`` trace fails falls back to ``"exact"`` with a warning naming the layer;
         a traced layer it does not support (e.g. upsampling) runs on full maps from there
         on, with a warning naming it. ``batch_size=None`` lets the engine pick its batches
-        (at most 64 windows, a 2 GiB budget for three of the largest activation).
+        (at most 16 windows on CPU, 64 on CUDA, within 2 GiB for three of the largest activation).
       - ``"approximate"``: Krypton's approximations, trading accuracy for speed:
         ``tau`` caps each window's projective-field growth at this fraction of every map
         (incremental inference with the cap; ``None`` evaluates windows by exact full
