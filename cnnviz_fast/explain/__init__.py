@@ -1,1 +1,1 @@
-"""Explanation methods by family; each public one is re-exported from cnnviz_fast."""
+"""Explanation methods, by family."""
