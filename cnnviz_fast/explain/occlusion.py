@@ -233,6 +233,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         a traced layer it does not support (e.g. upsampling) runs on full maps from there
         on, with a warning naming it. ``batch_size=None`` lets the engine pick its batches
         (at most 16 windows on CPU, 64 on CUDA, within 2 GiB for three of the largest activation).
+        Memory: every image's clean activations (all layer outputs) are kept for the call.
       - ``"approximate"``: Krypton's approximations, trading accuracy for speed:
         ``tau`` caps each window's projective-field growth at this fraction of every map
         (incremental inference with the cap; ``None`` evaluates windows by exact full
