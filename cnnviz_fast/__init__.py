@@ -10,6 +10,7 @@ from .explain.cam import cam, grad_cam, grad_cam_pp, layer_cam, score_cam
 from .explain.feature_plots import embedding_plot, neighbours_grid
 from .explain.features import Embeddings, FeatureIndex, Neighbours, embed, pca, tsne
 from .explain.lrp import lrp
+from .explain.occlusion import occlusion
 from .explain.patches import Patches, crop_patches, patch_grid
 from .explain.receptive import ReceptiveField, receptive_field
 from .ops import cam_combine, channel_topk_update, upsample_normalize
@@ -29,4 +30,6 @@ __all__ = [
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
     # relevance attributions
     "lrp",
+    # occlusion
+    "occlusion",
 ]

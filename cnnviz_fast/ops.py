@@ -10,7 +10,8 @@ import torch
 
 from . import _backend
 from ._checks import check_same_device, check_tensor, pair
-from .reference import cam_combine_ref, channel_topk_update_ref, upsample_normalize_ref
+from .reference import (cam_combine_ref, channel_topk_update_ref, incremental_gather_ref,
+                        occlusion_copies_ref, occlusion_scatter_ref, upsample_normalize_ref)
 from .reference.topk import nan_error
 
 _MODES = ("bilinear", "nearest")
@@ -136,3 +137,135 @@ def channel_topk_update(activations: torch.Tensor, ids: torch.Tensor, running_va
     if nan_channel >= 0:
         raise nan_error(nan_channel)
     return tuple(outs)
+
+
+def _check_windows(image_index, positions, window, num_images, H, W):
+    check_tensor("image_index", image_index, ndim=1, floating=False)
+    check_tensor("positions", positions, ndim=2, floating=False)
+    if positions.shape != (image_index.shape[0], 2):
+        raise ValueError(f"positions: expected shape ({image_index.shape[0]}, 2) = (top, left) per "
+                         f"window, got {tuple(positions.shape)}")
+    if image_index.numel() and (image_index.min() < 0 or image_index.max() >= num_images):
+        raise ValueError(f"image_index: values must lie in [0, {num_images})")
+    if positions.numel() and (positions.min() < 0 or positions[:, 0].max() >= H or positions[:, 1].max() >= W):
+        raise ValueError(f"positions: window corners must lie inside the {H}x{W} image")
+    return pair("window", window), image_index.long().contiguous(), positions.long().contiguous()
+
+
+def occlusion_copies(images: torch.Tensor, baselines: torch.Tensor, image_index: torch.Tensor,
+                     positions: torch.Tensor, window, out: torch.Tensor | None = None,
+                     backend: str | None = None) -> torch.Tensor:
+    """Occluded copies for a list of windows, written straight into one batch buffer.
+
+    images, baselines: ``[N, C, H, W]`` of one float dtype on one device. image_index:
+    ``[P]`` ints (which image each copy is of); positions: ``[P, 2]`` ints, the (top, left)
+    of each window; window: ``(h, w)`` or an int. Windows that run past the border are
+    clipped, as Captum's ``Occlusion`` clips them. out: optional ``[P, C, H, W]`` buffer.
+    Returns ``out``: copy p is ``images[image_index[p]]`` with its window replaced by
+    ``baselines[image_index[p]]``.
+    """
+    check_tensor("images", images, ndim=4)
+    check_tensor("baselines", baselines, ndim=4)
+    if baselines.shape != images.shape or baselines.dtype != images.dtype:
+        raise ValueError(f"baselines: expected {images.dtype} of shape {tuple(images.shape)}, got "
+                         f"{baselines.dtype} of shape {tuple(baselines.shape)}")
+    check_same_device(images=images, baselines=baselines, image_index=image_index, positions=positions)
+    N, C, H, W = images.shape
+    window, image_index, positions = _check_windows(image_index, positions, window, N, H, W)
+    shape = (image_index.shape[0], C, H, W)
+    if out is None:
+        out = torch.empty(shape, dtype=images.dtype, device=images.device)
+    elif out.shape != shape or out.dtype != images.dtype or out.device != images.device or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {images.dtype} tensor of shape {shape} on {images.device}")
+    impl = _backend.choose("occlusion_copies", images, backend)
+    if impl == "reference":
+        out.copy_(occlusion_copies_ref(images, baselines, image_index, positions, window))
+        return out
+    images, baselines = images.detach().contiguous(), baselines.detach().contiguous()
+    if impl == "cpp":
+        _backend.cpp_module().occlusion_copies_cpu(images.numpy(), baselines.numpy(), image_index.numpy(),
+                                                   positions.numpy(), window[0], window[1], out.numpy())
+    else:
+        from .kernels.occlusion import occlusion_copies_triton
+        occlusion_copies_triton(images, baselines, image_index, positions, window, out)
+    return out
+
+
+def occlusion_scatter(drops: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor, window,
+                      sums: torch.Tensor, counts: torch.Tensor, backend: str | None = None):
+    """Scatter score drops over their windows, with counts, into the occlusion map.
+
+    drops: ``[P]`` or ``[P, k]`` floats; image_index ``[P]`` and positions ``[P, 2]`` (top,
+    left) as for ``occlusion_copies``. sums ``[N, k, H, W]`` and counts ``[N, H, W]`` of one
+    float dtype are accumulated in place (drop ``j`` of window p over its clipped pixels, and
+    1 per window); ``sums / counts[:, None]`` is then Captum's averaged occlusion map.
+    Returns ``(sums, counts)``.
+    """
+    check_tensor("drops", drops, ndim=(1, 2))
+    check_tensor("sums", sums, ndim=4)
+    check_tensor("counts", counts, ndim=3)
+    drops = drops[:, None] if drops.dim() == 1 else drops
+    N, k, H, W = sums.shape
+    if drops.shape[1] != k:
+        raise ValueError(f"drops: expected {k} values per window to match sums, got {drops.shape[1]}")
+    if counts.shape != (N, H, W) or counts.dtype != sums.dtype:
+        raise ValueError(f"counts: expected {sums.dtype} of shape {(N, H, W)}, got {counts.dtype} "
+                         f"of shape {tuple(counts.shape)}")
+    if not (sums.is_contiguous() and counts.is_contiguous()):
+        raise ValueError("sums, counts: expected contiguous tensors (they are accumulated in place)")
+    check_same_device(drops=drops, image_index=image_index, positions=positions, sums=sums, counts=counts)
+    window, image_index, positions = _check_windows(image_index, positions, window, N, H, W)
+    impl = _backend.choose("occlusion_scatter", sums, backend)
+    drops = drops.detach().to(sums.dtype).contiguous()
+    if impl == "reference":
+        new_sums, new_counts = occlusion_scatter_ref(drops, image_index, positions, window, sums, counts)
+        sums.copy_(new_sums)
+        counts.copy_(new_counts)
+    elif impl == "cpp":
+        _backend.cpp_module().occlusion_scatter_cpu(drops.numpy(), image_index.numpy(), positions.numpy(),
+                                                    window[0], window[1], sums.numpy(), counts.numpy())
+    else:
+        from .kernels.occlusion import occlusion_scatter_triton
+        occlusion_scatter_triton(drops, image_index, positions, window, sums, counts)
+    return sums, counts
+
+
+def incremental_gather(clean: torch.Tensor, region: torch.Tensor, region_offsets: torch.Tensor,
+                       target_offsets: torch.Tensor, size, fill: float = 0.0,
+                       backend: str | None = None) -> torch.Tensor:
+    """Per-patch windows of a clean activation overlaid with updated regions, in one pass.
+
+    The gather/overlay step of incremental inference (Krypton, Nakandala et al. SIGMOD 2019):
+    clean ``[C, H, W]`` is the activation of the unoccluded image, shared by all patches;
+    region ``[P, C, rh, rw]`` holds each patch's recomputed values, its top-left corner at
+    ``region_offsets[p]`` (``[P, 2]`` int64 (top, left)); the window of ``size = (th, tw)``
+    starts at ``target_offsets[p]`` and may extend past the map (a layer's halo). Returns
+    ``[P, C, th, tw]`` of clean's dtype on clean's device: region values where the window
+    meets the region, clean values elsewhere in the map, ``fill`` outside it (0.0 for zero
+    padding, ``-inf`` for max pooling). ``rh`` or ``rw`` may be 0 (a plain windowed gather).
+    """
+    check_tensor("clean", clean, ndim=3)
+    check_tensor("region", region, ndim=4)
+    for name, off in (("region_offsets", region_offsets), ("target_offsets", target_offsets)):
+        check_tensor(name, off, ndim=2, floating=False)
+        if off.dtype != torch.int64 or off.shape != (region.shape[0], 2):
+            raise ValueError(f"{name}: expected an int64 tensor of shape [{region.shape[0]}, 2], "
+                             f"got {off.dtype} {tuple(off.shape)}")
+    check_same_device(clean=clean, region=region, region_offsets=region_offsets, target_offsets=target_offsets)
+    if region.shape[1] != clean.shape[0] or region.dtype != clean.dtype:
+        raise ValueError(f"region: expected [P, {clean.shape[0]}, rh, rw] of {clean.dtype}, "
+                         f"got {tuple(region.shape)} of {region.dtype}")
+    th, tw = pair("size", size)
+    impl = _backend.choose("incremental_gather", clean, backend)
+    if impl == "reference":
+        return incremental_gather_ref(clean, region, region_offsets, target_offsets, (th, tw), fill)
+    out = torch.empty((region.shape[0], clean.shape[0], th, tw), dtype=clean.dtype, device=clean.device)
+    if impl == "cpp":
+        _backend.cpp_module().incremental_gather_cpu(
+            clean.detach().contiguous().numpy(), region.detach().contiguous().numpy(),
+            region_offsets.contiguous().numpy(), target_offsets.contiguous().numpy(), out.numpy(), float(fill))
+    else:
+        from .kernels.incremental import incremental_gather_triton
+        incremental_gather_triton(clean.contiguous(), region.contiguous(), region_offsets.contiguous(),
+                                  target_offsets.contiguous(), out, float(fill))
+    return out

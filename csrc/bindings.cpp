@@ -5,6 +5,8 @@ namespace cnnviz {
 void bind_upsample(py::module_& m);
 void bind_cam(py::module_& m);
 void bind_topk(py::module_& m);
+void bind_occlusion(py::module_& m);
+void bind_incremental(py::module_& m);
 }  // namespace cnnviz
 
 PYBIND11_MODULE(_C, m) {
@@ -13,4 +15,6 @@ PYBIND11_MODULE(_C, m) {
   cnnviz::bind_upsample(m);
   cnnviz::bind_cam(m);
   cnnviz::bind_topk(m);
+  cnnviz::bind_occlusion(m);
+  cnnviz::bind_incremental(m);
 }
