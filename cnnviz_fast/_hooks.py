@@ -103,13 +103,18 @@ def layer_gradients(model: nn.Module, x: torch.Tensor, layer, target):
         with torch.enable_grad():
             output = model(x)
             acts = record[layer]
-            scores = target_scores(output, target)
-            if scores.dim() == 1:
-                (grads,) = torch.autograd.grad(scores.sum(), acts)
-            else:
-                k = scores.shape[1]
-                eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
-                basis = eye[:, None, :].expand(k, scores.shape[0], k)
-                (grads,) = torch.autograd.grad(scores, acts, grad_outputs=basis, is_grads_batched=True)
-                grads = grads.movedim(0, 1)
+            grads = score_gradients(target_scores(output, target), acts)
     return acts.detach(), grads, output.detach()
+
+
+def score_gradients(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Gradients of target scores w.r.t. ``inputs``: ``[B, ...]`` for ``[B]`` scores, ``[B, k, ...]``
+    for ``[B, k]`` scores (one batched vector-Jacobian product, ``is_grads_batched``)."""
+    if scores.dim() == 1:
+        (grads,) = torch.autograd.grad(scores.sum(), inputs)
+        return grads
+    k = scores.shape[1]
+    eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+    basis = eye[:, None, :].expand(k, scores.shape[0], k)
+    (grads,) = torch.autograd.grad(scores, inputs, grad_outputs=basis, is_grads_batched=True)
+    return grads.movedim(0, 1)
