@@ -1,0 +1,24 @@
+"""Model zoo: torchvision-compatible architectures (random init, no downloads) and the
+embedded ``shapes_cnn`` default model."""
+
+from ._alexnet_vgg import VGG, AlexNet, alexnet, vgg11, vgg16, vgg16_bn
+from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
+from ._shapes_cnn import SHAPES_CNN_CAM_LAYER, SHAPES_CNN_WEIGHTS, ShapesCNN, shapes_cnn
+
+__all__ = [
+    "AlexNet",
+    "VGG",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "ShapesCNN",
+    "alexnet",
+    "vgg11",
+    "vgg16",
+    "vgg16_bn",
+    "resnet18",
+    "resnet50",
+    "shapes_cnn",
+    "SHAPES_CNN_CAM_LAYER",
+    "SHAPES_CNN_WEIGHTS",
+]
