@@ -68,8 +68,8 @@ def _build(name):
     from cnnviz_fast import models
     torch.manual_seed(0)
     if name == "shapes_cnn":
-        return models.shapes_cnn(pretrained=models.SHAPES_CNN_WEIGHTS.exists()).eval(), 64
-    size = {"alexnet": 64, "vgg16_bn": 32, "resnet18": 64}[name]
+        return models.shapes_cnn(pretrained=True).eval(), 32
+    size = {"alexnet": 64, "vgg16_bn": 32, "resnet18": 32}[name]  # the smallest inputs each net takes
     model = getattr(models, name)(num_classes=10).eval()
     for m in model.modules():  # random BN statistics so batch norm is not the identity
         if isinstance(m, nn.BatchNorm2d):
@@ -304,11 +304,13 @@ def test_inplace_relu_same_as_out_of_place(name):
 
 
 def test_smoothgrad_reproducible_chunked_and_noise_free():
+    """The noise is one draw, so chunking (by rows or by a memory budget) does not change it."""
     net = tiny_net()
-    x = torch.rand(2, 3, 8, 8)
-    whole = smoothgrad(net, x, 1, n_samples=5, generator=torch.Generator().manual_seed(3))
-    chunked = smoothgrad(net, x, 1, n_samples=5, generator=torch.Generator().manual_seed(3), batch_size=3)
-    assert_attr_close(chunked, whole, rtol=1e-6)
+    x = torch.rand(2, 3, 9, 7)
+    whole = smoothgrad(net, x, 1, n_samples=5, generator=torch.Generator().manual_seed(3), batch_size=10)
+    for chunking in (dict(batch_size=3), dict(memory_budget=1 << 16), dict()):
+        chunked = smoothgrad(net, x, 1, n_samples=5, generator=torch.Generator().manual_seed(3), **chunking)
+        assert_attr_close(chunked, whole, rtol=1e-5, what=f"smoothgrad {chunking}")
     other = smoothgrad(net, x, 1, n_samples=5, generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(other, whole)
     assert_attr_close(smoothgrad(net, x, 1, n_samples=3, noise=0.0), saliency(net, x, 1), rtol=1e-6)
@@ -319,8 +321,23 @@ def test_smoothgrad_reproducible_chunked_and_noise_free():
 def test_ig_batch_size_chunks_agree():
     net = tiny_net()
     x = torch.rand(3, 3, 8, 8)
-    whole = integrated_gradients(net, x, [0, 1, 2], steps=6)
-    assert_attr_close(integrated_gradients(net, x, [0, 1, 2], steps=6, batch_size=4), whole, rtol=1e-5)
+    whole = integrated_gradients(net, x, [0, 1, 2], steps=6, batch_size=18)
+    for chunking in (dict(batch_size=4), dict(memory_budget=1 << 16), dict()):
+        assert_attr_close(integrated_gradients(net, x, [0, 1, 2], steps=6, **chunking), whole, rtol=1e-5,
+                          what=f"IG {chunking}")
+
+
+def test_memory_budget_sets_rows_per_pass():
+    """A row's cost is what autograd saves for it: a budget of a few rows gives a few rows."""
+    from cnnviz_fast.explain.gradients import _rows_per_pass
+    net = tiny_net()
+    x = torch.rand(2, 3, 16, 16)
+    per_row = 10**9 / _rows_per_pass(net, x, 10**9, None, 10**9, net)
+    assert 5e3 < per_row < 1e6, per_row  # this net saves ~25 KB per 16x16 row (x1.5)
+    assert _rows_per_pass(net, x, 100, None, 10**9, net) == 100
+    assert 3 <= _rows_per_pass(net, x, 100, None, int(4 * per_row), net) <= 4
+    assert _rows_per_pass(net, x, 100, None, 1, net) == 1
+    assert _rows_per_pass(net, x, 100, 7, None, net) == 7
 
 
 def test_deeplift_reused_relu_module_matches_unique_copy():
@@ -351,6 +368,8 @@ def test_bad_input_is_named():
         smoothgrad(net, x, 0, noise=-0.1)
     with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
         smoothgrad(net, x, 0, batch_size=0)
+    with pytest.raises(ValueError, match="memory_budget: expected a number of bytes >= 1"):
+        integrated_gradients(net, x, 0, memory_budget=0)
     with pytest.raises(ValueError, match="reduce: expected 'max_abs', 'sum' or 'l2', got 'mean'"):
         to_map(torch.zeros(1, 3, 2, 2), reduce="mean")
     with pytest.raises(ValueError, match="x: expected a 4-D tensor"):

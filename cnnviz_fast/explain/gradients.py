@@ -59,6 +59,11 @@ def _repeat_target(target, batch: int, times: int, interleave: bool):
     return idx.repeat(times, *([1] * (idx.dim() - 1)))
 
 
+def _rows_of(targets, start, stop):
+    """The targets of rows ``start:stop`` of a repeated batch (see ``_repeat_target``)."""
+    return targets[start:stop] if isinstance(targets, torch.Tensor) and targets.dim() else targets
+
+
 def _input_gradients(model, inputs, target):
     """Gradients of the target scores w.r.t. ``inputs`` (one forward pass, parameters frozen):
     ``([N, ...] or [N, k, ...], scores [N] or [N, k])``."""
@@ -110,9 +115,36 @@ def _check_count(name, value, minimum):
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
-def _check_batch_size(batch_size):
+# Default memory for one chunk of noisy copies / path points on CPU (CUDA: half the free memory).
+_CPU_MEMORY_BUDGET = 2 << 30
+
+
+def _rows_per_pass(model, x, rows, batch_size, memory_budget, probe):
+    """Rows per pass: ``batch_size`` if given, else as many as fit ``memory_budget`` bytes.
+    A row's cost is measured by running ``probe`` on one row of ``x``: the bytes autograd saves
+    for backward passes (``saved_tensors_hooks``; weights and buffers not counted), times 1.5
+    for the gradients alive during a backward."""
     if batch_size is not None:
         _check_count("batch_size", batch_size, 1)
+        return batch_size
+    if memory_budget is None:
+        memory_budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else _CPU_MEMORY_BUDGET
+    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget: expected a number of bytes >= 1, got {memory_budget!r}")
+    if rows == 1:
+        return 1
+    shared = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = [x[:1].numel() * x.element_size()]
+
+    def count(t):
+        if t.data_ptr() not in shared:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with frozen_parameters(model), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        probe(x[:1].detach().requires_grad_(True))
+    return max(1, min(rows, int(memory_budget // (1.5 * saved[0]))))
 
 
 def _sum_features(attr, k_axis):
@@ -220,7 +252,7 @@ def deconvnet(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 
 def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, noise: float = 0.15,
                method=saliency, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, memory_budget: int | None = None) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017; Captum ``NoiseTunnel(method).attribute(nt_type=
     "smoothgrad")``): the mean of ``method(model, x + eps, target)`` over ``n_samples`` noisy
     copies, ``eps ~ N(0, sigma^2)`` with ``sigma = noise * (max(x_b) - min(x_b))`` per sample
@@ -229,17 +261,18 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     ``method`` is any attribution of this module with the signature ``(model, x, target)``
     (default ``saliency``, i.e. mean |gradient| as Captum's ``NoiseTunnel(Saliency)``; use
     ``functools.partial(saliency, abs=False)`` for Smilkov's signed mean). The noisy copies are
-    laid out as Captum's (copy ``j`` of sample ``b`` is row ``b * n_samples + j``), drawn with
-    ``torch.randn(..., generator=generator)`` on ``x``'s device in ``batch_size`` rows per
-    forward pass (``None``: all ``B * n_samples`` at once, as Captum). With the global generator
-    seeded as Captum's (``torch.manual_seed``) the noise is Captum's noise, value for value.
+    laid out as Captum's (copy ``j`` of sample ``b`` is row ``b * n_samples + j``), drawn in one
+    ``torch.randn(..., generator=generator)`` on ``x``'s device, so the result does not depend
+    on the chunking; with the global generator seeded as Captum's (``torch.manual_seed``) the
+    noise is Captum's noise, value for value. ``method`` runs on ``batch_size`` rows at a time
+    (``None``: as many as fit ``memory_budget`` bytes, measured on one row; default budget half
+    the free CUDA memory, or 2 GiB on CPU).
 
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
     [B, k, C, H, W]), same dtype and device.
     """
     _check_inputs(model, x)
     _check_count("n_samples", n_samples, 1)
-    _check_batch_size(batch_size)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise ValueError(f"noise: expected a number >= 0 (stdev as a fraction of each sample's "
                          f"value range), got {noise!r}")
@@ -248,16 +281,15 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
     sigma = (noise * span).repeat_interleave(n_samples)[:, None, None, None]
     targets = _repeat_target(target, batch, n_samples, interleave=True)
-    chunk = rows if batch_size is None else batch_size
+    eps = torch.randn((rows, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
+    chunk = _rows_per_pass(model, x, rows, batch_size, memory_budget,
+                           lambda row: method(model, row, _rows_of(targets, 0, 1)))
     total = None
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         sample = torch.arange(start, stop, device=x.device) // n_samples
-        eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
-        noisy = x[sample] + eps * sigma[start:stop]
-        part_target = targets if callable(targets) or not isinstance(targets, torch.Tensor) \
-            else targets[start:stop]
-        attr = method(model, noisy, part_target)
+        noisy = x[sample] + eps[start:stop] * sigma[start:stop]
+        attr = method(model, noisy, _rows_of(targets, start, stop))
         if total is None:
             total = attr.new_zeros((batch, *attr.shape[1:]))
         total.index_add_(0, sample, attr)
@@ -286,22 +318,22 @@ def _path_weights(method: str, steps: int):
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, steps: int = 50,
                          method: str = "riemann_trapezoid", batch_size: int | None = None,
-                         return_delta: bool = False):
+                         memory_budget: int | None = None, return_delta: bool = False):
     """Integrated Gradients (Sundararajan et al. 2017; Captum ``IntegratedGradients``):
     ``(x - x') * sum_i w_i * grad f_t(x' + a_i (x - x'))`` with Captum's step sizes ``w_i`` and
     alphas ``a_i`` for ``method`` (see ``_path_weights``; Captum's own default method is
     ``"gausslegendre"``).
 
     ``baseline`` x' is a number, a tensor of x's shape, or one [1, C, H, W] baseline for all.
-    The ``steps * B`` path points run ``batch_size`` rows per forward pass (``None``: all at
-    once, as Captum's ``internal_batch_size=None``). ``return_delta=True`` also returns Captum's
+    The ``steps * B`` path points run ``batch_size`` rows per forward/backward pass (Captum's
+    ``internal_batch_size``; ``None``: as many as fit ``memory_budget`` bytes, as in
+    ``smoothgrad``). ``return_delta=True`` also returns Captum's
     convergence delta ``sum(attr) - (f_t(x) - f_t(x'))`` per sample ([B] or [B, k]).
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     """
     _check_inputs(model, x)
     _check_count("steps", steps, 1)
-    _check_batch_size(batch_size)
     base = _baseline_tensor(baseline, x)
     sizes, alphas = _path_weights(method, steps)
     batch = x.shape[0]
@@ -310,15 +342,13 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     alpha = torch.tensor(alphas, dtype=torch.float32, device=x.device).to(x.dtype)
     weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
     targets = _repeat_target(target, batch, steps, interleave=False)
-    chunk = rows if batch_size is None else batch_size
+    chunk = _rows_per_pass(model, x, rows, batch_size, memory_budget, model)
     total = None
     for start in range(0, rows, chunk):
         row = torch.arange(start, min(start + chunk, rows), device=x.device)
         step, sample = row // batch, row % batch
         path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
-        part_target = targets if callable(targets) or not isinstance(targets, torch.Tensor) \
-            else targets[start:start + len(row)]
-        grads, _ = _input_gradients(model, path, part_target)
+        grads, _ = _input_gradients(model, path, _rows_of(targets, start, start + len(row)))
         grads = grads * weight[step].view(-1, *([1] * (grads.dim() - 1)))
         if total is None:
             total = grads.new_zeros((batch, *grads.shape[1:]))
