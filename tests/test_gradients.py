@@ -3,7 +3,6 @@
 the model left as found, bad input."""
 import copy
 import functools
-import types
 import warnings
 
 import pytest
@@ -44,21 +43,29 @@ def tiny_net(inplace=True, pool=True):
     return nn.Sequential(*layers).eval()
 
 
-def unique_relus(model):
-    """A copy of a ResNet whose blocks call two distinct ReLU modules: Captum's DeepLift rejects
-    a module used twice (torchvision's BasicBlock.relu), our deeplift does not."""
-    model = copy.deepcopy(model)
+class _PerCallReLU(nn.Module):
+    """Stands for a ReLU module that a block calls ``calls`` times per forward pass: call i goes
+    to copy ``i % calls``, so every call has a module of its own."""
+
+    def __init__(self, relu, calls):
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(relu) for _ in range(calls))
+        self.calls = 0
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        out += identity
-        return self.relu_out(out)
+        out = self.copies[self.calls % len(self.copies)](x)
+        self.calls += 1
+        return out
 
+
+def unique_relus(model):
+    """A copy of a ResNet whose blocks call distinct ReLU modules: Captum's DeepLift rejects a
+    module used twice (torchvision's BasicBlock.relu / Bottleneck.relu), our deeplift does not."""
+    model = copy.deepcopy(model)
     for block in model.modules():
-        if type(block).__name__ == "BasicBlock":
-            block.relu_out = nn.ReLU(inplace=True)
-            block.forward = types.MethodType(forward, block)
+        calls = {"BasicBlock": 2, "Bottleneck": 3}.get(type(block).__name__)
+        if calls:
+            block.relu = _PerCallReLU(block.relu, calls)
     return model
 
 
@@ -328,16 +335,25 @@ def test_ig_batch_size_chunks_agree():
 
 
 def test_memory_budget_sets_rows_per_pass():
-    """A row's cost is what autograd saves for it: a budget of a few rows gives a few rows."""
-    from cnnviz_fast.explain.gradients import _rows_per_pass
+    """The first pass is one row, measured (what autograd saves for it); the budget then sets
+    the rows of every later pass, in proportion."""
+    from cnnviz_fast.explain.gradients import _row_chunks
     net = tiny_net()
-    x = torch.rand(2, 3, 16, 16)
-    per_row = 10**9 / _rows_per_pass(net, x, 10**9, None, 10**9, net)
-    assert 5e3 < per_row < 1e6, per_row  # this net saves ~25 KB per 16x16 row (x1.5)
-    assert _rows_per_pass(net, x, 100, None, 10**9, net) == 100
-    assert 3 <= _rows_per_pass(net, x, 100, None, int(4 * per_row), net) <= 4
-    assert _rows_per_pass(net, x, 100, None, 1, net) == 1
-    assert _rows_per_pass(net, x, 100, 7, None, net) == 7
+
+    def sizes(budget, batch_size=None):
+        out = []
+        for start, stop in _row_chunks(net, torch.rand(1, 3, 16, 16), 100, batch_size, budget):
+            out.append(stop - start)
+            with torch.enable_grad():
+                net(torch.rand(stop - start, 3, 16, 16, requires_grad=True)).sum().backward()
+        return out
+
+    small, double = sizes(1 << 20), sizes(1 << 21)  # this net saves ~25 KB per 16x16 row
+    assert small[0] == double[0] == 1 and sum(small) == sum(double) == 100
+    assert 5 < small[1] < 99 and abs(double[1] - 2 * small[1]) <= 1, (small, double)
+    assert sizes(1) == [1] * 100
+    assert sizes(1 << 40) == [1, 99]
+    assert sizes(None, batch_size=30) == [30, 30, 30, 10]
 
 
 def test_deeplift_reused_relu_module_matches_unique_copy():

@@ -119,32 +119,33 @@ def _check_count(name, value, minimum):
 _CPU_MEMORY_BUDGET = 2 << 30
 
 
-def _rows_per_pass(model, x, rows, batch_size, memory_budget, probe):
-    """Rows per pass: ``batch_size`` if given, else as many as fit ``memory_budget`` bytes.
-    A row's cost is measured by running ``probe`` on one row of ``x``: the bytes autograd saves
-    for backward passes (``saved_tensors_hooks``; weights and buffers not counted), times 1.5
-    for the gradients alive during a backward."""
+def _row_chunks(model, x, rows, batch_size, memory_budget):
+    """``(start, stop)`` row ranges for pass-by-pass work over ``rows`` rows built from ``x``:
+    ``batch_size`` rows each, or, under ``memory_budget`` bytes, a first one-row pass whose cost
+    is measured while the caller runs it (the bytes autograd saves for the backward,
+    ``saved_tensors_hooks``, weights and buffers not counted, times 1.5 for the gradients alive
+    during the backward) and then as many rows per pass as fit. No pass is spent on measuring."""
     if batch_size is not None:
         _check_count("batch_size", batch_size, 1)
-        return batch_size
+        yield from ((start, min(start + batch_size, rows)) for start in range(0, rows, batch_size))
+        return
     if memory_budget is None:
         memory_budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else _CPU_MEMORY_BUDGET
     elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
         raise ValueError(f"memory_budget: expected a number of bytes >= 1, got {memory_budget!r}")
-    if rows == 1:
-        return 1
     shared = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved = [x[:1].numel() * x.element_size()]
+    saved = x[:1].numel() * x.element_size()
 
     def count(t):
+        nonlocal saved
         if t.data_ptr() not in shared:
-            saved[0] += t.numel() * t.element_size()
+            saved += t.numel() * t.element_size()
         return t
 
-    with frozen_parameters(model), torch.enable_grad(), \
-            torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        probe(x[:1].detach().requires_grad_(True))
-    return max(1, min(rows, int(memory_budget // (1.5 * saved[0]))))
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        yield 0, 1
+    size = max(1, int(memory_budget // (1.5 * saved)))
+    yield from ((start, min(start + size, rows)) for start in range(1, rows, size))
 
 
 def _sum_features(attr, k_axis):
@@ -265,8 +266,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     ``torch.randn(..., generator=generator)`` on ``x``'s device, so the result does not depend
     on the chunking; with the global generator seeded as Captum's (``torch.manual_seed``) the
     noise is Captum's noise, value for value. ``method`` runs on ``batch_size`` rows at a time
-    (``None``: as many as fit ``memory_budget`` bytes, measured on one row; default budget half
-    the free CUDA memory, or 2 GiB on CPU).
+    (``None``: as many as fit ``memory_budget`` bytes, measured on the first row's pass; default
+    budget half the free CUDA memory, or 2 GiB on CPU).
 
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
     [B, k, C, H, W]), same dtype and device.
@@ -282,11 +283,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     sigma = (noise * span).repeat_interleave(n_samples)[:, None, None, None]
     targets = _repeat_target(target, batch, n_samples, interleave=True)
     eps = torch.randn((rows, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
-    chunk = _rows_per_pass(model, x, rows, batch_size, memory_budget,
-                           lambda row: method(model, row, _rows_of(targets, 0, 1)))
     total = None
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
+    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget):
         sample = torch.arange(start, stop, device=x.device) // n_samples
         noisy = x[sample] + eps[start:stop] * sigma[start:stop]
         attr = method(model, noisy, _rows_of(targets, start, stop))
@@ -342,13 +340,12 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     alpha = torch.tensor(alphas, dtype=torch.float32, device=x.device).to(x.dtype)
     weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
     targets = _repeat_target(target, batch, steps, interleave=False)
-    chunk = _rows_per_pass(model, x, rows, batch_size, memory_budget, model)
     total = None
-    for start in range(0, rows, chunk):
-        row = torch.arange(start, min(start + chunk, rows), device=x.device)
+    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget):
+        row = torch.arange(start, stop, device=x.device)
         step, sample = row // batch, row % batch
         path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
-        grads, _ = _input_gradients(model, path, _rows_of(targets, start, start + len(row)))
+        grads, _ = _input_gradients(model, path, _rows_of(targets, start, stop))
         grads = grads * weight[step].view(-1, *([1] * (grads.dim() - 1)))
         if total is None:
             total = grads.new_zeros((batch, *grads.shape[1:]))
