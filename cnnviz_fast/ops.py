@@ -10,7 +10,7 @@ import torch
 
 from . import _backend
 from ._checks import check_tensor, pair
-from .reference import upsample_normalize_ref
+from .reference import deeplift_rescale_relu_ref, upsample_normalize_ref
 
 _MODES = ("bilinear", "nearest")
 
@@ -42,3 +42,28 @@ def upsample_normalize(maps: torch.Tensor, size=None, mode: str = "bilinear",
         from .kernels.upsample import upsample_normalize_triton
         upsample_normalize_triton(src, out, mode == "bilinear", normalize)
     return out.view(B, k, *out_size)
+
+
+def deeplift_rescale_relu(x: torch.Tensor, eps: float = 1e-10, backend: str | None = None):
+    """The DeepLIFT rescale rule on ReLU in one pass (Captum ``DeepLift``'s ``nonlinear``).
+
+    x: float tensor ``[2N, ...]`` holding ``[inputs; references]`` (even first dimension).
+    Returns ``(relu(x) [2N, ...], factor [2N, ...], fallback [N, ...] bool)``: ``factor`` is
+    ``(relu(x_in) - relu(x_ref)) / (x_in - x_ref)`` on both halves, or each half's ``x > 0``
+    where ``fallback = |x_in - x_ref| < eps``. Same dtype and device as ``x``.
+    """
+    check_tensor("x", x)
+    if x.dim() < 1 or x.shape[0] % 2:
+        raise ValueError(f"x: expected [inputs; references] with an even first dimension, got shape {tuple(x.shape)}")
+    impl = _backend.choose("deeplift_rescale_relu", x, backend)
+    if impl == "reference":
+        return deeplift_rescale_relu_ref(x, eps)
+    src = x.detach().contiguous()
+    out, factor = torch.empty_like(src), torch.empty_like(src)
+    fallback = torch.empty((x.shape[0] // 2, *x.shape[1:]), dtype=torch.bool, device=x.device)
+    if impl == "cpp":
+        _backend.cpp_module().deeplift_rescale_relu_cpu(src.numpy(), eps, out.numpy(), factor.numpy(), fallback.numpy())
+    else:
+        from .kernels.deeplift import deeplift_rescale_relu_triton
+        deeplift_rescale_relu_triton(src, eps, out, factor, fallback)
+    return out, factor, fallback

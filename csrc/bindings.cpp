@@ -3,10 +3,12 @@
 
 namespace cnnviz {
 void bind_upsample(py::module_& m);
+void bind_deeplift(py::module_& m);
 }  // namespace cnnviz
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cnnviz-fast CPU kernels on raw float32 buffers";
   m.attr("openmp_threads") = cnnviz::num_threads();
   cnnviz::bind_upsample(m);
+  cnnviz::bind_deeplift(m);
 }

@@ -28,6 +28,7 @@ from torch import nn
 from .._checks import check_model_device, check_same_device, check_tensor
 from .._hooks import frozen_parameters, score_gradients
 from .._targets import target_scores
+from ..ops import deeplift_rescale_relu
 
 __all__ = ["saliency", "to_map", "guided_backprop", "deconvnet", "smoothgrad",
            "integrated_gradients", "deeplift"]
@@ -390,22 +391,22 @@ class _RescaleRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fn, eps, up, link):
-        if fn is None:  # ReLU: no autograd pass needed for the plain derivative
-            out = F.relu(x)
-            slope = (out > 0).to(x.dtype)
+        if fn is None:  # ReLU: one fused pass (C++ / Triton), its plain derivative only if read
+            out, factor, fallback = deeplift_rescale_relu(x, eps)
+            slope = (out > 0).to(x.dtype) if up is not None else None
         else:
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
                 out = fn(leaf)
                 (slope,) = torch.autograd.grad(out.sum(), leaf)
             out = out.detach()
-        x_in, x_ref = x.chunk(2)
-        o_in, o_ref = out.chunk(2)
-        d_in = x_in - x_ref
-        fallback = d_in.abs() < eps
-        ratio = (o_in - o_ref) / d_in
-        s_in, s_ref = slope.chunk(2)
-        factor = torch.cat([torch.where(fallback, s_in, ratio), torch.where(fallback, s_ref, ratio)])
+            x_in, x_ref = x.chunk(2)
+            o_in, o_ref = out.chunk(2)
+            d_in = x_in - x_ref
+            fallback = d_in.abs() < eps
+            ratio = (o_in - o_ref) / d_in
+            s_in, s_ref = slope.chunk(2)
+            factor = torch.cat([torch.where(fallback, s_in, ratio), torch.where(fallback, s_ref, ratio)])
         ctx.save_for_backward(factor, slope if up is not None else None)
         ctx.up, ctx.link = up, link
         link.fallback = fallback
@@ -521,7 +522,8 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
 
     One forward pass over the stacked batch ``[x; x']`` (2B rows, as Captum) and one backward
     from both halves' target scores. Rules, by exact module type as Captum: the rescale rule on
-    ``ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus``; Captum's max-pool rule on ``MaxPool2d``
+    ``ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus`` (on ReLU one fused pass,
+    ``cnnviz_fast.ops.deeplift_rescale_relu``); Captum's max-pool rule on ``MaxPool2d``
     / ``MaxPool3d`` (``_MaxPoolRule``), with Captum's ordering between a nonlinear module and
     the next one reading its output (``_Link``); linear layers (conv, linear, batch norm in
     eval, average pooling, additions) keep their gradient, which is their DeepLIFT multiplier.
@@ -537,6 +539,7 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
     _check_inputs(model, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+    eps = float(eps)
     base = _baseline_tensor(baseline, x)
     batch = x.shape[0]
     with _deeplift_rules(model, eps) as links, frozen_parameters(model), torch.enable_grad():
