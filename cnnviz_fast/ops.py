@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_tensor, pair
-from .reference import deeplift_rescale_relu_ref, upsample_normalize_ref
+from ._checks import check_same_device, check_tensor, pair
+from .reference import deeplift_rescale_relu_grad_ref, upsample_normalize_ref
 
 _MODES = ("bilinear", "nearest")
 
@@ -44,26 +44,32 @@ def upsample_normalize(maps: torch.Tensor, size=None, mode: str = "bilinear",
     return out.view(B, k, *out_size)
 
 
-def deeplift_rescale_relu(x: torch.Tensor, eps: float = 1e-10, backend: str | None = None):
-    """The DeepLIFT rescale rule on ReLU in one pass (Captum ``DeepLift``'s ``nonlinear``).
+def deeplift_rescale_relu_grad(grad: torch.Tensor, x: torch.Tensor, eps: float = 1e-10,
+                               backend: str | None = None) -> torch.Tensor:
+    """The backward of the DeepLIFT rescale rule on ReLU in one pass (Captum ``DeepLift``'s
+    ``nonlinear``): ``grad * factor`` with the multiplier computed on the fly from ``x``.
 
-    x: float tensor ``[2N, ...]`` holding ``[inputs; references]`` (even first dimension).
-    Returns ``(relu(x) [2N, ...], factor [2N, ...], fallback [N, ...] bool)``: ``factor`` is
-    ``(relu(x_in) - relu(x_ref)) / (x_in - x_ref)`` on both halves, or each half's ``x > 0``
-    where ``fallback = |x_in - x_ref| < eps``. Same dtype and device as ``x``.
+    x: the ReLU's float input ``[2N, ...]`` holding ``[inputs; references]`` (even first
+    dimension); grad: the output gradient, same shape. ``factor`` is ``(relu(x_in) -
+    relu(x_ref)) / (x_in - x_ref)`` on both halves, or each half's ``x > 0`` where
+    ``|x_in - x_ref| < eps``. Returns ``[2N, ...]``, same dtype and device as ``x``.
     """
     check_tensor("x", x)
+    check_tensor("grad", grad)
+    check_same_device(grad=grad, x=x)
     if x.dim() < 1 or x.shape[0] % 2:
         raise ValueError(f"x: expected [inputs; references] with an even first dimension, got shape {tuple(x.shape)}")
-    impl = _backend.choose("deeplift_rescale_relu", x, backend)
+    if grad.shape != x.shape or grad.dtype != x.dtype:
+        raise ValueError(f"grad: expected x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(grad.shape)} {grad.dtype}")
+    impl = _backend.choose("deeplift_rescale_relu_grad", x, backend)
     if impl == "reference":
-        return deeplift_rescale_relu_ref(x, eps)
-    src = x.detach().contiguous()
-    out, factor = torch.empty_like(src), torch.empty_like(src)
-    fallback = torch.empty((x.shape[0] // 2, *x.shape[1:]), dtype=torch.bool, device=x.device)
+        return deeplift_rescale_relu_grad_ref(grad, x, eps)
+    grad, x = grad.detach().contiguous(), x.detach().contiguous()
+    out = torch.empty_like(x)
     if impl == "cpp":
-        _backend.cpp_module().deeplift_rescale_relu_cpu(src.numpy(), eps, out.numpy(), factor.numpy(), fallback.numpy())
+        _backend.cpp_module().deeplift_rescale_relu_grad_cpu(grad.numpy(), x.numpy(), eps, out.numpy())
     else:
-        from .kernels.deeplift import deeplift_rescale_relu_triton
-        deeplift_rescale_relu_triton(src, eps, out, factor, fallback)
-    return out, factor, fallback
+        from .kernels.deeplift import deeplift_rescale_relu_grad_triton
+        deeplift_rescale_relu_grad_triton(grad, x, eps, out)
+    return out

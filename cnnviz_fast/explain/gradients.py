@@ -28,7 +28,7 @@ from torch import nn
 from .._checks import check_model_device, check_same_device, check_tensor
 from .._hooks import frozen_parameters, score_gradients
 from .._targets import target_scores
-from ..ops import deeplift_rescale_relu
+from ..ops import deeplift_rescale_relu_grad
 
 __all__ = ["saliency", "to_map", "guided_backprop", "deconvnet", "smoothgrad",
            "integrated_gradients", "deeplift"]
@@ -374,53 +374,63 @@ class _Link:
     before the next nonlinear module B hooks the same tensor as its input (to replace the
     gradient by B's rule), so A's rule reads the gradient *before* B's rule: B's plain input
     gradient (``plain``). B's rule result still flows into A's plain derivative where A falls
-    back to it (``fallback``: A's positions with ``|x - x'| < eps``). We reproduce this, e.g.
-    ReLU -> MaxPool in alexnet, VGG and ResNet stems, so the numbers are Captum's.
+    back to it (A's positions with ``|x - x'| < eps``). We reproduce this, e.g. ReLU ->
+    MaxPool in alexnet, VGG and ResNet stems, so the numbers are Captum's.
     """
-    __slots__ = ("out", "fallback", "plain", "consumed")
+    __slots__ = ("out", "plain")
 
     def __init__(self):
-        self.out = self.fallback = self.plain = None
-        self.consumed = False
+        self.out = self.plain = None
 
 
 class _RescaleRule(torch.autograd.Function):
     """DeepLIFT rescale rule on an elementwise nonlinearity over the [inputs; references]
     batch (Captum's ``nonlinear``): the backward multiplies by ``(f(x) - f(x')) / (x - x')``,
-    or by the plain derivative ``f'`` where ``|x - x'| < eps``."""
+    or by the plain derivative ``f'`` where ``|x - x'| < eps``. ReLU (``fn=None``) saves only
+    its input and computes the multiplier inside the backward's one pass
+    (``cnnviz_fast.ops.deeplift_rescale_relu_grad``), so it costs what a ReLU's gradient costs."""
 
     @staticmethod
     def forward(ctx, x, fn, eps, up, link):
-        if fn is None:  # ReLU: one fused pass (C++ / Triton), its plain derivative only if read
-            out, factor, fallback = deeplift_rescale_relu(x, eps)
-            slope = (out > 0).to(x.dtype) if up is not None else None
-        else:
-            with torch.enable_grad():
-                leaf = x.detach().requires_grad_(True)
-                out = fn(leaf)
-                (slope,) = torch.autograd.grad(out.sum(), leaf)
-            out = out.detach()
-            x_in, x_ref = x.chunk(2)
-            o_in, o_ref = out.chunk(2)
-            d_in = x_in - x_ref
-            fallback = d_in.abs() < eps
-            ratio = (o_in - o_ref) / d_in
-            s_in, s_ref = slope.chunk(2)
-            factor = torch.cat([torch.where(fallback, s_in, ratio), torch.where(fallback, s_ref, ratio)])
-        ctx.save_for_backward(factor, slope if up is not None else None)
-        ctx.up, ctx.link = up, link
-        link.fallback = fallback
+        ctx.eps, ctx.up, ctx.link, ctx.relu = eps, up, link, fn is None
+        if fn is None:
+            ctx.save_for_backward(x)
+            return F.relu(x)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            out = fn(leaf)
+            (slope,) = torch.autograd.grad(out.sum(), leaf)
+        out = out.detach()
+        x_in, x_ref = x.chunk(2)
+        o_in, o_ref = out.chunk(2)
+        fallback = (x_in - x_ref).abs() < eps
+        ratio = (o_in - o_ref) / (x_in - x_ref)
+        s_in, s_ref = slope.chunk(2)
+        factor = torch.cat([torch.where(fallback, s_in, ratio), torch.where(fallback, s_ref, ratio)])
+        ctx.save_for_backward(factor, fallback, slope if up is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        factor, slope = ctx.saved_tensors
         link, up = ctx.link, ctx.up
-        if link.plain is None:
-            result = grad * factor
+        if ctx.relu:
+            (x,) = ctx.saved_tensors
+            x_in, x_ref = x.chunk(2)
+            fallback = (x_in - x_ref).abs() < ctx.eps if link.plain is not None else None
+            slope = (x > 0).to(x.dtype) if up is not None else None
         else:
-            result = factor * torch.where(torch.cat([link.fallback, link.fallback]), grad, link.plain)
+            factor, fallback, slope = ctx.saved_tensors
+        if link.plain is not None:  # a rule module read this output: its plain gradient, ours at ties
+            grad_in = torch.where(torch.cat([fallback, fallback]), grad, link.plain)
             link.plain = None
+        else:
+            grad_in = grad
+        if ctx.relu:  # [B, k] targets backprop under vmap (is_grads_batched): the torch reference runs there
+            functorch = torch._C._functorch
+            batched = functorch.is_legacy_batchedtensor(grad_in) or functorch.is_batchedtensor(grad_in)
+            result = deeplift_rescale_relu_grad(grad_in, x, ctx.eps, backend="reference" if batched else None)
+        else:
+            result = grad_in * factor
         if up is not None:
             up.plain = grad * slope
         return result, None, None, None, None
@@ -495,9 +505,7 @@ def _deeplift_rules(model, eps):
 
         def rule_forward(inp):
             up = links.get(id(inp))
-            if up is not None and up.out is inp:
-                up.consumed = True
-            else:
+            if up is not None and up.out is not inp:
                 up = None
             link = _Link()
             link.out = rule.apply(inp, arg, eps, up, link)
@@ -522,8 +530,8 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
 
     One forward pass over the stacked batch ``[x; x']`` (2B rows, as Captum) and one backward
     from both halves' target scores. Rules, by exact module type as Captum: the rescale rule on
-    ``ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus`` (on ReLU one fused pass,
-    ``cnnviz_fast.ops.deeplift_rescale_relu``); Captum's max-pool rule on ``MaxPool2d``
+    ``ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus`` (on ReLU one fused backward
+    pass, ``cnnviz_fast.ops.deeplift_rescale_relu_grad``); Captum's max-pool rule on ``MaxPool2d``
     / ``MaxPool3d`` (``_MaxPoolRule``), with Captum's ordering between a nonlinear module and
     the next one reading its output (``_Link``); linear layers (conv, linear, batch norm in
     eval, average pooling, additions) keep their gradient, which is their DeepLIFT multiplier.
@@ -545,10 +553,8 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
     with _deeplift_rules(model, eps) as links, frozen_parameters(model), torch.enable_grad():
         stacked = torch.cat([x, base]).requires_grad_(True)
         scores = target_scores(model(stacked), _repeat_target(target, batch, 2, interleave=False))
-        for link in links.values():  # keep fallback masks only where a rule module reads them
+        for link in links.values():  # the backward needs no outputs: do not keep them alive
             link.out = None
-            if not link.consumed:
-                link.fallback = None
         links.clear()
         grads = score_gradients(scores, stacked)
     k_axis = grads.dim() == 5

@@ -1,9 +1,9 @@
-"""deeplift_rescale_relu: every fast backend against the reference computed in float64."""
+"""deeplift_rescale_relu_grad: every fast backend against the reference computed in float64."""
 import pytest
 import torch
 
-from cnnviz_fast.ops import deeplift_rescale_relu
-from cnnviz_fast.reference import deeplift_rescale_relu_ref
+from cnnviz_fast.ops import deeplift_rescale_relu_grad
+from cnnviz_fast.reference import deeplift_rescale_relu_grad_ref
 from tests.helpers import assert_close, fast_backends
 
 # shape of one half [N, ...]: why each shape is here
@@ -35,31 +35,33 @@ def test_matches_reference(backend, shape):
     if backend == "triton" and shape == (1, 64, 56, 56):
         pytest.skip("large for the Triton interpreter")
     x = stacked(shape)
-    out, factor, fallback = deeplift_rescale_relu(x, 1e-10, backend=backend)
-    ref_out, ref_factor, ref_fallback = deeplift_rescale_relu_ref(x.double(), 1e-10)
-    assert out.dtype == factor.dtype == torch.float32 and fallback.dtype == torch.bool
-    assert_close(out, ref_out, rtol=0, atol=0, what=f"{backend} relu {shape}")
-    # the float32 difference of the halves decides the fallback, so compare masks in float32
-    assert torch.equal(fallback, deeplift_rescale_relu_ref(x, 1e-10)[2]), f"{backend} fallback {shape}"
-    assert fallback.any() and (fallback.numel() < 3 or not fallback.all())  # both branches run
-    assert_close(factor, deeplift_rescale_relu_ref(x, 1e-10)[1], rtol=0, atol=0,
-                 what=f"{backend} factor vs float32 reference {shape}")
-    keep = torch.cat([~ref_fallback, ~ref_fallback])  # away from ties the float64 value holds
-    assert_close(factor[keep], ref_factor[keep], rtol=1e-5, atol=1e-6, what=f"{backend} factor {shape}")
+    grad = torch.randn_like(x)
+    got = deeplift_rescale_relu_grad(grad, x, 1e-10, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    # ties are decided by the float32 difference: the float32 reference gives the same bits
+    assert_close(got, deeplift_rescale_relu_grad_ref(grad, x, 1e-10), rtol=0, atol=0,
+                 what=f"{backend} vs float32 reference {shape}")
+    x_in, x_ref = x.chunk(2)
+    keep = (x_in - x_ref).abs() >= 1e-10
+    assert (~keep).any() and (keep.numel() < 3 or keep.any())  # both branches run
+    expected = deeplift_rescale_relu_grad_ref(grad.double(), x.double(), 1e-10)
+    keep = torch.cat([keep, keep])  # away from ties the float64 value holds
+    assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-6, what=f"{backend} vs float64 {shape}")
 
 
 def test_reference_golden():
-    x = torch.tensor([[2.0, -1.0, 3.0, 0.5], [1.0, -2.0, 3.0, -0.5]])
-    out, factor, fallback = deeplift_rescale_relu_ref(x, 1e-10)
-    assert torch.equal(out, x.relu())
-    # (relu 2 - relu 1)/1 = 1; (0 - 0)/1 = 0; tie at 3 > 0: derivative 1; (0.5 - 0)/1 = 0.5
-    assert torch.equal(factor, torch.tensor([[1.0, 0.0, 1.0, 0.5], [1.0, 0.0, 1.0, 0.5]]))
-    assert torch.equal(fallback, torch.tensor([[False, False, True, False]]))
+    x = torch.tensor([[2.0, -1.0, 3.0, 0.5, -1.0], [1.0, -2.0, 3.0, -0.5, -1.0]])
+    grad = torch.tensor([[1.0, 1.0, 2.0, 4.0, 1.0], [3.0, 1.0, 5.0, 2.0, 1.0]])
+    # multipliers: (2 - 1)/1 = 1; (0 - 0)/1 = 0; tie at 3 > 0: 1; (0.5 - 0)/1 = 0.5; tie at -1: 0
+    factor = torch.tensor([[1.0, 0.0, 1.0, 0.5, 0.0], [1.0, 0.0, 1.0, 0.5, 0.0]])
+    assert torch.equal(deeplift_rescale_relu_grad_ref(grad, x, 1e-10), grad * factor)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends())
 def test_bad_input(backend):
     with pytest.raises(ValueError, match="x: expected \\[inputs; references\\] with an even first dimension"):
-        deeplift_rescale_relu(torch.zeros(3, 2), backend=backend)
+        deeplift_rescale_relu_grad(torch.zeros(3, 2), torch.zeros(3, 2), backend=backend)
     with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
-        deeplift_rescale_relu(torch.zeros(2, 2, dtype=torch.long), backend=backend)
+        deeplift_rescale_relu_grad(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="grad: expected x's shape \\(2, 2\\)"):
+        deeplift_rescale_relu_grad(torch.zeros(2, 3), torch.zeros(2, 2), backend=backend)
