@@ -107,14 +107,22 @@ def layer_gradients(model: nn.Module, x: torch.Tensor, layer, target):
     return acts.detach(), grads, output.detach()
 
 
-def score_gradients(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """Gradients of target scores w.r.t. ``inputs``: ``[B, ...]`` for ``[B]`` scores, ``[B, k, ...]``
-    for ``[B, k]`` scores (one batched vector-Jacobian product, ``is_grads_batched``)."""
-    if scores.dim() == 1:
-        (grads,) = torch.autograd.grad(scores.sum(), inputs)
-        return grads
-    k = scores.shape[1]
-    eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
-    basis = eye[:, None, :].expand(k, scores.shape[0], k)
-    (grads,) = torch.autograd.grad(scores, inputs, grad_outputs=basis, is_grads_batched=True)
-    return grads.movedim(0, 1)
+def score_gradients(scores: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Gradients of ``scores`` (``[B]`` or ``[B, k]``, computed from ``acts``) with respect to
+    ``acts``: ``[B, ...]``, or ``[B, k, ...]`` from one batched vector-Jacobian product. Raises
+    ``ValueError`` when the scores do not depend on ``acts`` (a layer off the output's path)."""
+    if not scores.requires_grad:
+        grads = None
+    elif scores.dim() == 1:
+        (grads,) = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+    else:
+        k = scores.shape[1]
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+        basis = eye[:, None, :].expand(k, scores.shape[0], k)
+        (grads,) = torch.autograd.grad(scores, acts, grad_outputs=basis, is_grads_batched=True,
+                                       allow_unused=True)
+        grads = None if grads is None else grads.movedim(0, 1)
+    if grads is None:
+        raise ValueError("layer: the target scores do not depend on this layer's output; choose a "
+                         "layer on the path from the input to the output")
+    return grads

@@ -9,11 +9,10 @@ import torch
 from tqdm import tqdm
 
 from ._hooks import capture
+from .models import SHAPES_CNN_CAM_LAYER as CAM_LAYER
 from .ops import upsample_normalize
 from .report import Report
 from .viz import image_grid, overlay, save_image
-
-CAM_LAYER = "features"
 
 
 def _activation_map(model, x, target):
@@ -25,8 +24,16 @@ def _activation_map(model, x, target):
 
 def _methods():
     """(name, one-line description, fn(model, x, target) -> [B, H, W] in [0, 1])."""
+    from . import cam, grad_cam, grad_cam_pp, layer_cam, score_cam
+
     return [
         ("activation_map", "mean activation of the last conv block, upsampled", _activation_map),
+        ("cam", "CAM (Zhou et al. 2016): fc rows of the class over the last conv block",
+         lambda m, x, t: cam(m, x, t, layer=CAM_LAYER)),
+        ("grad_cam", "Grad-CAM (Selvaraju et al. 2017)", lambda m, x, t: grad_cam(m, x, t, CAM_LAYER)),
+        ("grad_cam_pp", "Grad-CAM++ (Chattopadhay et al. 2018)", lambda m, x, t: grad_cam_pp(m, x, t, CAM_LAYER)),
+        ("layer_cam", "LayerCAM (Jiang et al. 2021)", lambda m, x, t: layer_cam(m, x, t, CAM_LAYER)),
+        ("score_cam", "Score-CAM (Wang et al. 2020)", lambda m, x, t: score_cam(m, x, t, CAM_LAYER)),
     ]
 
 

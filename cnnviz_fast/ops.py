@@ -10,7 +10,8 @@ import torch
 
 from . import _backend
 from ._checks import check_same_device, check_tensor, pair
-from .reference import deeplift_rescale_relu_grad_ref, upsample_normalize_ref
+from .reference import cam_combine_ref, channel_topk_update_ref, deeplift_rescale_relu_grad_ref, upsample_normalize_ref
+from .reference.topk import nan_error
 
 _MODES = ("bilinear", "nearest")
 
@@ -42,6 +43,99 @@ def upsample_normalize(maps: torch.Tensor, size=None, mode: str = "bilinear",
         from .kernels.upsample import upsample_normalize_triton
         upsample_normalize_triton(src, out, mode == "bilinear", normalize)
     return out.view(B, k, *out_size)
+
+
+def cam_combine(activations: torch.Tensor, weights: torch.Tensor, size=None, relu: bool = True,
+                normalize: bool = True, backend: str | None = None) -> torch.Tensor:
+    """The combining step of every CAM method, fused: weighted channel sum, ReLU, bilinear
+    resize and per-map min-max normalization in one pass over the activations.
+
+    activations: float ``[B, K, h, w]`` (a layer's output). weights, on the same device:
+    channel weights ``[B, K]`` or ``[B, k, K]`` (k maps per sample; map = sum_c w_c A_c: CAM's
+    fc rows, Grad-CAM's spatial mean of the gradients, Grad-CAM++'s alpha-weighted sums,
+    Score-CAM's scores) or elementwise weights ``[B, K, h, w]`` / ``[B, k, K, h, w]``
+    (map = sum_c w_c(y, x) A_c(y, x): LayerCAM's relu(gradients)); cast to the activations'
+    dtype. size: ``(H, W)``, an int, or None (keep ``h, w``); the resize equals
+    ``F.interpolate(mode="bilinear", align_corners=False)``. relu: clamp the sum at 0 before
+    resizing. normalize: scale each map to [0, 1] (a constant map gives zeros).
+    Returns ``[B, H, W]`` (weights without a k axis) or ``[B, k, H, W]``, of the activations'
+    dtype, on their device.
+    """
+    check_tensor("activations", activations, ndim=4)
+    check_tensor("weights", weights, ndim=(2, 3, 4, 5))
+    check_same_device(activations=activations, weights=weights)
+    B, K, h, w = activations.shape
+    channel = weights.dim() in (2, 3)
+    has_k = weights.dim() in (3, 5)
+    want = (B, K) if channel else (B, K, h, w)
+    got = tuple(weights.shape[:1] + weights.shape[2:]) if has_k else tuple(weights.shape)
+    if got != want:
+        form = "[B, K] or [B, k, K]" if channel else "[B, K, h, w] or [B, k, K, h, w]"
+        raise ValueError(f"weights: expected {form} with B, K, h, w = {B}, {K}, {h}, {w} from "
+                         f"activations, got shape {tuple(weights.shape)}")
+    out_size = (h, w) if size is None else pair("size", size)
+    weights = weights.to(activations.dtype)
+    impl = _backend.choose("cam_combine", activations, backend)
+    if impl == "reference":
+        return cam_combine_ref(activations, weights, out_size, relu, normalize)
+    acts = activations.detach().contiguous()
+    wts = (weights if has_k else weights.unsqueeze(1)).detach().contiguous()
+    out = torch.empty((B, wts.shape[1], *out_size), dtype=activations.dtype, device=activations.device)
+    if impl == "cpp":
+        _backend.cpp_module().cam_combine_cpu(acts.numpy(), wts.numpy(), out.numpy(), relu, normalize)
+    else:
+        from .kernels.cam import cam_combine_triton
+        cam_combine_triton(acts, wts, out, relu, normalize)
+    return out if has_k else out.squeeze(1)
+def channel_topk_update(activations: torch.Tensor, ids: torch.Tensor, running_values: torch.Tensor,
+                        running_ids: torch.Tensor, running_pos: torch.Tensor,
+                        backend: str | None = None):
+    """Merge one batch of feature maps into running per-channel top-k lists, in one pass.
+
+    activations: float ``[B, C, h, w]``; ids: int64 ``[B]``, >= 0 (image ids); running lists
+    ``[C, k]``: values (the activations' dtype), ids and flat positions ``y * w + x`` (int64),
+    all on one device. Each (image, channel) map gives one candidate, its spatial maximum at
+    its first position in row-major order; each channel keeps the k best by value descending,
+    then id ascending, then position ascending (so results do not depend on batching); empty
+    slots are ``(-inf, -1, -1)``. A NaN activation raises ``ValueError`` naming the channel.
+    Returns new ``(values, ids, pos)`` ``[C, k]``; the inputs are not modified. Equals
+    ``channel_topk_update_ref`` (store all candidates, then an explicit lexsort) exactly.
+    """
+    check_tensor("activations", activations, ndim=4)
+    check_tensor("ids", ids, ndim=1, floating=False)
+    check_tensor("running_values", running_values, ndim=2)
+    check_tensor("running_ids", running_ids, ndim=2, floating=False)
+    check_tensor("running_pos", running_pos, ndim=2, floating=False)
+    check_same_device(activations=activations, ids=ids, running_values=running_values,
+                      running_ids=running_ids, running_pos=running_pos)
+    B, C, h, w = activations.shape
+    if ids.dtype != torch.int64 or ids.shape[0] != B:
+        raise ValueError(f"ids: expected int64 [{B}] (one id per image), got {ids.dtype} {list(ids.shape)}")
+    if B and int(ids.min()) < 0:
+        raise ValueError("ids: expected ids >= 0 (-1 marks an empty slot)")
+    if running_values.shape[0] != C or running_values.shape[1] < 1:
+        raise ValueError(f"running_values: expected [{C}, k] with k >= 1, got {list(running_values.shape)}")
+    if running_values.dtype != activations.dtype:
+        raise TypeError(f"running_values: dtype {running_values.dtype} differs from activations {activations.dtype}")
+    for name, t in (("running_ids", running_ids), ("running_pos", running_pos)):
+        if t.shape != running_values.shape or t.dtype != torch.int64:
+            raise ValueError(f"{name}: expected int64 {list(running_values.shape)}, got {t.dtype} {list(t.shape)}")
+    impl = _backend.choose("channel_topk_update", activations, backend)
+    if impl == "reference":
+        return channel_topk_update_ref(activations, ids, running_values, running_ids, running_pos)
+    acts = activations.detach().contiguous().view(B, C, h * w)
+    lists = [t.contiguous() for t in (running_values, running_ids, running_pos)]
+    outs = [torch.empty_like(t) for t in lists]
+    if impl == "cpp":
+        nan_channel = _backend.cpp_module().channel_topk_update_cpu(
+            acts.numpy(), ids.contiguous().numpy(), *(t.numpy() for t in lists), *(t.numpy() for t in outs))
+    else:
+        from .kernels.topk import channel_topk_update_triton
+        nan = channel_topk_update_triton(acts, ids.contiguous(), *lists, *outs).nonzero()
+        nan_channel = int(nan[0]) if len(nan) else -1
+    if nan_channel >= 0:
+        raise nan_error(nan_channel)
+    return tuple(outs)
 
 
 def deeplift_rescale_relu_grad(grad: torch.Tensor, x: torch.Tensor, eps: float = 1e-10,

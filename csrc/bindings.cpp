@@ -3,6 +3,8 @@
 
 namespace cnnviz {
 void bind_upsample(py::module_& m);
+void bind_cam(py::module_& m);
+void bind_topk(py::module_& m);
 void bind_deeplift(py::module_& m);
 }  // namespace cnnviz
 
@@ -10,5 +12,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cnnviz-fast CPU kernels on raw float32 buffers";
   m.attr("openmp_threads") = cnnviz::num_threads();
   cnnviz::bind_upsample(m);
+  cnnviz::bind_cam(m);
+  cnnviz::bind_topk(m);
   cnnviz::bind_deeplift(m);
 }

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from cnnviz_fast.cli import main
+from cnnviz_fast.demo import _methods
 
 
 def test_info_lists_versions_and_backends(capsys):
@@ -17,7 +18,7 @@ def test_demo_writes_pngs_and_a_self_contained_report(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--images", "3", "--quiet"]) == 0
     html = (tmp_path / "report.html").read_text()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert "activation_map.png" in pngs
+    assert pngs == sorted(f"{name}.png" for name, _, _ in _methods())
     assert html.count("data:image/png;base64,") == len(pngs) >= 1
     assert "src='http" not in html and not list(tmp_path.glob("*.tmp"))
 

@@ -1,1 +1,1 @@
-"""Explanation methods by family; each public name is re-exported from cnnviz_fast."""
+"""Explanation methods, by family."""

@@ -7,11 +7,9 @@
 #include <limits>
 #include <vector>
 
-#include "common.h"
+#include "upsample.h"
 
 namespace cnnviz {
-
-namespace {
 
 std::vector<LinearTap> make_taps(int64_t in, int64_t out, bool bilinear) {
   std::vector<LinearTap> t(out);
@@ -19,10 +17,6 @@ std::vector<LinearTap> make_taps(int64_t in, int64_t out, bool bilinear) {
     t[i] = bilinear ? linear_tap(i, in, out) : LinearTap{nearest_index(i, in, out), 0, 1.f, 0.f};
   return t;
 }
-
-struct Scratch {
-  std::vector<float> rows, lo, hi;  // [h, W] x-resized rows; per-column min and max
-};
 
 void resize_normalize_map(const float* src, int64_t h, int64_t w, const std::vector<LinearTap>& ty,
                           const std::vector<LinearTap>& tx, bool normalize, float* dst,
@@ -59,8 +53,6 @@ void resize_normalize_map(const float* src, int64_t h, int64_t w, const std::vec
   const float scale = varies ? 1.f / range : 0.f;
   for (int64_t p = 0; p < H * W; ++p) dst[p] = (dst[p] - mn) * scale;
 }
-
-}  // namespace
 
 // maps [N, h, w] -> out [N, H, W]
 void upsample_normalize_cpu(FloatArray maps, FloatArray out, bool bilinear, bool normalize) {

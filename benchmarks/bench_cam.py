@@ -1,0 +1,117 @@
+"""CAM family: the fused cam_combine op against its reference, and Grad-CAM end to end on
+ResNet-50 layer4 at 224 against the model's forward pass alone, Captum LayerGradCam
+(+ LayerAttribution.interpolate) and torchcam GradCAM, with one class and the top-5 classes
+per image, called round-robin (median of ROUNDS calls each, so load on this shared machine
+hits all alike); pytorch-grad-cam cannot be imported here (it needs torchvision).
+
+    python benchmarks/bench_cam.py            # batch 8
+    python benchmarks/bench_cam.py --batch32  # also batch 32 (a ResNet-50 forward is ~2 s here)
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from _runner import BenchTable
+from cnnviz_fast import cam_combine, grad_cam
+from cnnviz_fast.models import resnet50
+from cnnviz_fast.reference import cam_combine_ref
+from cnnviz_fast.reference.upsample import minmax_normalize_ref
+
+OP_SHAPES = [(8, 2048, 7, 7), (32, 512, 14, 14), (64, 256, 28, 28)]
+ROUNDS = 5  # end-to-end calls per provider, interleaved (a noisy shared machine)
+
+
+def bench_op(table, device, fast):
+    for shape in OP_SHAPES:
+        acts, weights = torch.rand(shape, device=device), torch.randn(shape[:2], device=device)
+        torch.testing.assert_close(cam_combine(acts, weights, 224, backend=fast),
+                                   cam_combine_ref(acts, weights, (224, 224)), rtol=1e-4, atol=2e-5)
+        case = f"cam_combine{shape}->224"
+        for provider in ("reference", fast):
+            row = table.add(case, provider, lambda: cam_combine(acts, weights, 224, backend=provider),
+                            min_run_time=0.5)
+            row["GB/s"] = (acts.numel() + shape[0] * 224 * 224) * 4 / row["p50_ms"] / 1e6
+
+
+def bench_grad_cam(table, model, batch, device):
+    from captum.attr import LayerAttribution, LayerGradCam
+    from torchcam.methods import GradCAM
+
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    with torch.no_grad():
+        top5 = model(x).topk(5, dim=1).indices
+    top1 = top5[:, 0]
+    captum = LayerGradCam(model, model.layer4)
+
+    def captum_cam(target):
+        attr = captum.attribute(x, target=target, relu_attributions=True)
+        return minmax_normalize_ref(LayerAttribution.interpolate(attr, (224, 224), "bilinear"))[:, 0]
+
+    def torchcam_cam():
+        with GradCAM(model, "layer4") as extractor:
+            return extractor(top1.tolist(), model(x))[0]
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    torch.testing.assert_close(grad_cam(model, x, top1, "layer4"), captum_cam(top1), rtol=1e-3, atol=1e-3)
+    providers = [
+        ("forward (no grad)", forward),
+        ("cnnviz_fast grad_cam", lambda: grad_cam(model, x, top1, "layer4")),
+        ("cnnviz_fast grad_cam top5", lambda: grad_cam(model, x, top5, "layer4")),
+        ("captum LayerGradCam+interp", lambda: captum_cam(top1)),
+        ("torchcam GradCAM (7x7)", torchcam_cam),
+    ] + ([("captum LayerGradCam top5", lambda: [captum_cam(top5[:, j]) for j in range(5)])]
+         if batch <= 8 else [])
+    times = interleaved(providers, ROUNDS)
+    p50 = {name: float(np.median(t)) for name, t in times.items()}
+    for provider, _ in providers:
+        t = np.asarray(times[provider])
+        row = dict(case=f"resnet50.layer4 B={batch}", provider=provider, p50_ms=p50[provider],
+                   p20_ms=float(np.percentile(t, 20)), p80_ms=float(np.percentile(t, 80)), runs=len(t))
+        row["vs_baseline"] = p50["forward (no grad)"] / row["p50_ms"]
+        row["x_forward"] = row["p50_ms"] / p50["forward (no grad)"]
+        # speed-up over the peers (> 1: faster than them); the top-5 rows against their 5 calls
+        top5 = provider.endswith("top5")
+        captum = p50.get("captum LayerGradCam top5" if top5 else "captum LayerGradCam+interp")
+        row["vs_captum"] = captum / row["p50_ms"] if captum else None
+        row["vs_torchcam"] = None if top5 else p50["torchcam GradCAM (7x7)"] / row["p50_ms"]
+        table.rows.append(row)
+    return p50["cnnviz_fast grad_cam top5"] / p50["cnnviz_fast grad_cam"]
+
+
+def interleaved(providers, rounds):
+    """Milliseconds of each provider's calls, run round-robin (one warm-up round first) so that
+    load from other users of this shared machine hits every provider alike."""
+    times = {name: [] for name, _ in providers}
+    for r in range(rounds + 1):
+        for name, fn in providers:
+            start = time.perf_counter()
+            fn()
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch32", action="store_true", help="also time batch 32 (slow on CPU)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fast = "triton" if device == "cuda" else "cpp"
+    table = BenchTable("cam", device, dtype="float32")
+    bench_op(table, device, fast)
+    torch.manual_seed(0)
+    model = resnet50().eval().to(device)
+    notes = []
+    for batch in (8, 32) if args.batch32 or device == "cuda" else (8,):
+        notes.append(f"B={batch}: top5/top1 {bench_grad_cam(table, model, batch, device):.2f}x")
+    if device == "cpu":
+        notes.append("random-weight ResNet-50; shared 2-core machine, timings noisy")
+    table.report("; ".join(notes))
+
+if __name__ == "__main__":
+    main()
