@@ -49,7 +49,7 @@ def main():
     one = x[:1]
     t = 3
     steps = args.steps
-    chunks = _row_chunks(model, one, steps, None, None)  # the rows per pass our IG/SmoothGrad choose
+    chunks = _row_chunks(model, one, steps, None, None, "gradient")  # the rows per pass our IG chooses
     next(chunks)
     floor(model, one, t, 1)
     chunk = len(range(*next(chunks)))

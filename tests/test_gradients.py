@@ -335,24 +335,26 @@ def test_ig_batch_size_chunks_agree():
 
 
 def test_memory_budget_sets_rows_per_pass():
-    """The first pass is one row, measured (what autograd saves for it); the budget then sets
-    the rows of every later pass, in proportion."""
+    """The first pass is one row, measured (what autograd saves for it) and remembered for the
+    model; the budget then sets the rows of every later pass, in proportion."""
     from cnnviz_fast.explain.gradients import _row_chunks
     net = tiny_net()
 
-    def sizes(budget, batch_size=None):
+    def sizes(budget, batch_size=None, work="test"):
         out = []
-        for start, stop in _row_chunks(net, torch.rand(1, 3, 16, 16), 100, batch_size, budget):
+        for start, stop in _row_chunks(net, torch.rand(1, 3, 16, 16), 100, batch_size, budget, work):
             out.append(stop - start)
             with torch.enable_grad():
                 net(torch.rand(stop - start, 3, 16, 16, requires_grad=True)).sum().backward()
         return out
 
-    small, double = sizes(1 << 20), sizes(1 << 21)  # this net saves ~25 KB per 16x16 row
-    assert small[0] == double[0] == 1 and sum(small) == sum(double) == 100
-    assert 5 < small[1] < 99 and abs(double[1] - 2 * small[1]) <= 1, (small, double)
+    small = sizes(1 << 20)  # this net saves ~25 KB per 16x16 row
+    assert small[0] == 1 and sum(small) == 100 and 5 < small[1] < 99, small
+    double = sizes(1 << 21)  # remembered: no one-row pass
+    assert sum(double) == 100 and abs(double[0] - 2 * small[1]) <= 1, (small, double)
+    assert sizes(1 << 21, work="other")[0] == 1  # other work is measured anew
     assert sizes(1) == [1] * 100
-    assert sizes(1 << 40) == [1, 99]
+    assert sizes(1 << 40) == [100]
     assert sizes(None, batch_size=30) == [30, 30, 30, 10]
 
 

@@ -19,6 +19,7 @@ in-place modules (``ReLU(inplace=True)``) are handled per call.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 import torch
@@ -120,12 +121,18 @@ def _check_count(name, value, minimum):
 _CPU_MEMORY_BUDGET = 2 << 30
 
 
-def _row_chunks(model, x, rows, batch_size, memory_budget):
+# Bytes one row saves for the backward, by model and (work, row shape, dtype, device): measured
+# once, so repeated calls (one image after another) run every pass at the full chunk size.
+_ROW_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _row_chunks(model, x, rows, batch_size, memory_budget, work):
     """``(start, stop)`` row ranges for pass-by-pass work over ``rows`` rows built from ``x``:
-    ``batch_size`` rows each, or, under ``memory_budget`` bytes, a first one-row pass whose cost
-    is measured while the caller runs it (the bytes autograd saves for the backward,
-    ``saved_tensors_hooks``, weights and buffers not counted, times 1.5 for the gradients alive
-    during the backward) and then as many rows per pass as fit. No pass is spent on measuring."""
+    ``batch_size`` rows each, or as many as fit ``memory_budget`` bytes. A row's cost (the bytes
+    autograd saves for the backward, ``saved_tensors_hooks``, weights and buffers not counted,
+    times 1.5 for the gradients alive during the backward) is measured on a first one-row pass
+    while the caller runs it, and remembered for ``model`` and ``work`` (what a row runs) at
+    this row shape; no pass is spent on measuring."""
     if batch_size is not None:
         _check_count("batch_size", batch_size, 1)
         yield from ((start, min(start + batch_size, rows)) for start in range(0, rows, batch_size))
@@ -134,19 +141,24 @@ def _row_chunks(model, x, rows, batch_size, memory_budget):
         memory_budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else _CPU_MEMORY_BUDGET
     elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
         raise ValueError(f"memory_budget: expected a number of bytes >= 1, got {memory_budget!r}")
-    shared = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved = x[:1].numel() * x.element_size()
+    key = (work, tuple(x.shape[1:]), x.dtype, x.device)
+    known = _ROW_BYTES.setdefault(model, {})
+    first = 0
+    if key not in known:
+        shared = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+        saved = x[:1].numel() * x.element_size()
 
-    def count(t):
-        nonlocal saved
-        if t.data_ptr() not in shared:
-            saved += t.numel() * t.element_size()
-        return t
+        def count(t):
+            nonlocal saved
+            if t.data_ptr() not in shared:
+                saved += t.numel() * t.element_size()
+            return t
 
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        yield 0, 1
-    size = max(1, int(memory_budget // (1.5 * saved)))
-    yield from ((start, min(start + size, rows)) for start in range(1, rows, size))
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            yield 0, 1
+        known[key], first = saved, 1
+    size = max(1, int(memory_budget // (1.5 * known[key])))
+    yield from ((start, min(start + size, rows)) for start in range(first, rows, size))
 
 
 def _sum_features(attr, k_axis):
@@ -267,7 +279,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     ``torch.randn(..., generator=generator)`` on ``x``'s device, so the result does not depend
     on the chunking; with the global generator seeded as Captum's (``torch.manual_seed``) the
     noise is Captum's noise, value for value. ``method`` runs on ``batch_size`` rows at a time
-    (``None``: as many as fit ``memory_budget`` bytes, measured on the first row's pass; default
+    (``None``: as many as fit ``memory_budget`` bytes, measured on the first row's pass and
+    remembered for the model; default
     budget half the free CUDA memory, or 2 GiB on CPU).
 
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
@@ -285,7 +298,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     targets = _repeat_target(target, batch, n_samples, interleave=True)
     eps = torch.randn((rows, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
     total = None
-    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget):
+    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, method):
         sample = torch.arange(start, stop, device=x.device) // n_samples
         noisy = x[sample] + eps[start:stop] * sigma[start:stop]
         attr = method(model, noisy, _rows_of(targets, start, stop))
@@ -342,7 +355,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
     targets = _repeat_target(target, batch, steps, interleave=False)
     total = None
-    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget):
+    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, "gradient"):
         row = torch.arange(start, stop, device=x.device)
         step, sample = row // batch, row % batch
         path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
