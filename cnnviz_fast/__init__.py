@@ -9,6 +9,8 @@ from .explain.activations import TopKPatches, TopKResult, activation_grid, layer
 from .explain.cam import cam, grad_cam, grad_cam_pp, layer_cam, score_cam
 from .explain.feature_plots import embedding_plot, neighbours_grid
 from .explain.features import Embeddings, FeatureIndex, Neighbours, embed, pca, tsne
+from .explain.gradients import (deconvnet, deeplift, guided_backprop, integrated_gradients, saliency,
+                                 smoothgrad, to_map)
 from .explain.lrp import lrp
 from .explain.occlusion import occlusion
 from .explain.patches import Patches, crop_patches, patch_grid
@@ -22,14 +24,15 @@ __all__ = [
     "backends", "resolve_layer", "upsample_normalize",
     # CAM family
     "cam", "cam_combine", "grad_cam", "grad_cam_pp", "layer_cam", "score_cam",
+    # occlusion
+    "occlusion",
+    # gradient and relevance attributions
+    "saliency", "to_map", "guided_backprop", "deconvnet", "smoothgrad", "integrated_gradients",
+    "deeplift", "lrp",
     # activation investigation
     "channel_topk_update", "layer_activations", "activation_grid", "receptive_field",
     "ReceptiveField", "TopKPatches", "TopKResult", "top_k_patches", "crop_patches",
     "patch_grid", "Patches",
     # feature space
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
-    # relevance attributions
-    "lrp",
-    # occlusion
-    "occlusion",
 ]

@@ -10,8 +10,9 @@ import torch
 
 from . import _backend
 from ._checks import check_same_device, check_tensor, pair
-from .reference import (cam_combine_ref, channel_topk_update_ref, incremental_gather_ref,
-                        occlusion_copies_ref, occlusion_scatter_ref, upsample_normalize_ref)
+from .reference import (cam_combine_ref, channel_topk_update_ref, deeplift_rescale_relu_grad_ref,
+                        incremental_gather_ref, occlusion_copies_ref, occlusion_scatter_ref,
+                        upsample_normalize_ref)
 from .reference.topk import nan_error
 
 _MODES = ("bilinear", "nearest")
@@ -268,4 +269,32 @@ def incremental_gather(clean: torch.Tensor, region: torch.Tensor, region_offsets
         from .kernels.incremental import incremental_gather_triton
         incremental_gather_triton(clean.contiguous(), region.contiguous(), region_offsets.contiguous(),
                                   target_offsets.contiguous(), out, float(fill))
+def deeplift_rescale_relu_grad(grad: torch.Tensor, x: torch.Tensor, eps: float = 1e-10,
+                               backend: str | None = None) -> torch.Tensor:
+    """The backward of the DeepLIFT rescale rule on ReLU in one pass (Captum ``DeepLift``'s
+    ``nonlinear``): ``grad * factor`` with the multiplier computed on the fly from ``x``.
+
+    x: the ReLU's float input ``[2N, ...]`` holding ``[inputs; references]`` (even first
+    dimension); grad: the output gradient, same shape. ``factor`` is ``(relu(x_in) -
+    relu(x_ref)) / (x_in - x_ref)`` on both halves, or each half's ``x > 0`` where
+    ``|x_in - x_ref| < eps``. Returns ``[2N, ...]``, same dtype and device as ``x``.
+    """
+    check_tensor("x", x)
+    check_tensor("grad", grad)
+    check_same_device(grad=grad, x=x)
+    if x.dim() < 1 or x.shape[0] % 2:
+        raise ValueError(f"x: expected [inputs; references] with an even first dimension, got shape {tuple(x.shape)}")
+    if grad.shape != x.shape or grad.dtype != x.dtype:
+        raise ValueError(f"grad: expected x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(grad.shape)} {grad.dtype}")
+    impl = _backend.choose("deeplift_rescale_relu_grad", x, backend)
+    if impl == "reference":
+        return deeplift_rescale_relu_grad_ref(grad, x, eps)
+    grad, x = grad.detach().contiguous(), x.detach().contiguous()
+    out = torch.empty_like(x)
+    if impl == "cpp":
+        _backend.cpp_module().deeplift_rescale_relu_grad_cpu(grad.numpy(), x.numpy(), eps, out.numpy())
+    else:
+        from .kernels.deeplift import deeplift_rescale_relu_grad_triton
+        deeplift_rescale_relu_grad_triton(grad, x, eps, out)
     return out
