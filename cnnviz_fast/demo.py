@@ -22,9 +22,27 @@ def _activation_map(model, x, target):
     return upsample_normalize(rec[CAM_LAYER].mean(1, keepdim=True), x.shape[-2:])[:, 0]
 
 
+def _heatmap(attributions):
+    """[B, C, H, W] input attributions -> [B, H, W] in [0, 1]: max |attribution| over channels,
+    min-max normalized per image."""
+    from . import to_map
+
+    heat = to_map(attributions, "max_abs")[:, None]
+    return upsample_normalize(heat, heat.shape[-2:])[:, 0]
+
+
+def _signed_heatmap(attributions):
+    """Positive evidence only (sum over channels, clamped at 0), for relevance methods."""
+    from . import to_map
+
+    heat = to_map(attributions, "sum").clamp(min=0)[:, None]
+    return upsample_normalize(heat, heat.shape[-2:])[:, 0]
+
+
 def _methods():
     """(name, one-line description, fn(model, x, target) -> [B, H, W] in [0, 1])."""
-    from . import cam, grad_cam, grad_cam_pp, layer_cam, score_cam
+    from . import (cam, deconvnet, deeplift, grad_cam, grad_cam_pp, guided_backprop, integrated_gradients,
+                   layer_cam, lrp, occlusion, saliency, score_cam, smoothgrad)
 
     return [
         ("activation_map", "mean activation of the last conv block, upsampled", _activation_map),
@@ -34,6 +52,21 @@ def _methods():
         ("grad_cam_pp", "Grad-CAM++ (Chattopadhay et al. 2018)", lambda m, x, t: grad_cam_pp(m, x, t, CAM_LAYER)),
         ("layer_cam", "LayerCAM (Jiang et al. 2021)", lambda m, x, t: layer_cam(m, x, t, CAM_LAYER)),
         ("score_cam", "Score-CAM (Wang et al. 2020)", lambda m, x, t: score_cam(m, x, t, CAM_LAYER)),
+        ("occlusion", "occlusion (Zeiler & Fergus 2014), 8 px window, stride 4, incremental inference",
+         lambda m, x, t: upsample_normalize(occlusion(m, x, t, window=8, stride=4, mode="incremental")[:, None],
+                                            x.shape[-2:])[:, 0]),
+        ("saliency", "vanilla gradient (Simonyan et al. 2014)", lambda m, x, t: _heatmap(saliency(m, x, t))),
+        ("guided_backprop", "guided backpropagation (Springenberg et al. 2015)",
+         lambda m, x, t: _heatmap(guided_backprop(m, x, t))),
+        ("deconvnet", "deconvnet (Zeiler & Fergus 2014)", lambda m, x, t: _heatmap(deconvnet(m, x, t))),
+        ("smoothgrad", "SmoothGrad (Smilkov et al. 2017), 25 samples, noise 0.15",
+         lambda m, x, t: _heatmap(smoothgrad(m, x, t, n_samples=25, generator=torch.Generator().manual_seed(0)))),
+        ("integrated_gradients", "Integrated Gradients (Sundararajan et al. 2017), black baseline, 32 steps",
+         lambda m, x, t: _signed_heatmap(integrated_gradients(m, x, t, steps=32))),
+        ("deeplift", "DeepLIFT rescale (Shrikumar et al. 2017), black baseline",
+         lambda m, x, t: _signed_heatmap(deeplift(m, x, t))),
+        ("lrp", "LRP, zennit's EpsilonPlusFlat composite (Bach et al. 2015; Montavon et al. 2019)",
+         lambda m, x, t: _signed_heatmap(lrp(m, x, t))),
     ]
 
 

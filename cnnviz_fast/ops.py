@@ -269,6 +269,9 @@ def incremental_gather(clean: torch.Tensor, region: torch.Tensor, region_offsets
         from .kernels.incremental import incremental_gather_triton
         incremental_gather_triton(clean.contiguous(), region.contiguous(), region_offsets.contiguous(),
                                   target_offsets.contiguous(), out, float(fill))
+    return out
+
+
 def deeplift_rescale_relu_grad(grad: torch.Tensor, x: torch.Tensor, eps: float = 1e-10,
                                backend: str | None = None) -> torch.Tensor:
     """The backward of the DeepLIFT rescale rule on ReLU in one pass (Captum ``DeepLift``'s
