@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,18 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(fn, device="cpu", min_run_time=1.0):
-    """(p50, p20, p80) in milliseconds: triton's do_bench on CUDA, torch's Timer on CPU."""
+def measure(fn, device="cpu", min_run_time=1.0, once=False):
+    """(p50, p20, p80) in milliseconds: triton's do_bench on CUDA, torch's Timer on CPU;
+    ``once``: a single call (for runs of minutes, where repeats cost more than they tell)."""
+    if once:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        ms = (time.perf_counter() - start) * 1e3
+        return ms, ms, ms
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
         p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
@@ -70,9 +81,9 @@ class BenchTable:
         self.name, self.device, self.meta, self.rows = name, str(device), meta, []
         self._baseline = {}
 
-    def add(self, case: str, provider: str, fn, baseline: bool = False, min_run_time=1.0, **extra):
+    def add(self, case: str, provider: str, fn, baseline: bool = False, min_run_time=1.0, once=False, **extra):
         """Time ``fn``; the case's first provider (or one with baseline=True) is its baseline."""
-        p50, p20, p80 = measure(fn, self.device, min_run_time)
+        p50, p20, p80 = measure(fn, self.device, min_run_time, once)
         if baseline or case not in self._baseline:
             self._baseline[case] = p50
         row = dict(case=case, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80,

@@ -2,19 +2,21 @@
 and 64, and cnnviz-fast exact / incremental / approximate, side by side in one run.
 
 224x224 inputs, window 16, strides 8 and 4, random weights (vgg16, resnet18). A full map is
-729 (stride 8) or 2809 (stride 4) forward passes, many minutes per provider on this small
-shared CPU, so the sweep rows time every provider on the same subset of window positions: a
-grid of ``--grid`` x ``--grid`` (top, left) corners spread evenly over the stride's corners,
-borders included. Every provider's time includes one clean forward pass; ``ms/pos`` is its
-p50 divided by the number of positions. ``theory_x`` is the FLOP (conv and linear MACs) ratio
-of full over incremental inference averaged over the row's positions, ``theory_all_x`` over
-all of the stride's positions; ``of_theory`` is the measured speedup over full re-inference
-divided by ``theory_x``.
+729 (stride 8) or 2809 (stride 4) forward passes, minutes per provider on this small CPU, so
+the sweep rows time every provider on the same subset of window positions: a grid of
+``--grid`` x ``--grid`` (top, left) corners spread evenly over the stride's corners, borders
+included. Every provider's time includes its set-up (``setup_ms``: one clean forward pass, or
+for incremental the trace and the clean pass that keeps every activation), which a whole map
+pays once: ``window_ms`` leaves it out, ``per_window_x`` is full re-inference's
+``window_ms`` over the row's. ``theory_x`` is the FLOP (conv and linear MACs) ratio of full
+over incremental inference averaged over the row's positions, ``theory_all_x`` over all of
+the stride's positions; ``of_theory`` is ``per_window_x / theory_x``.
 
-The full-map rows (stride ``--map-strides``) time the exact map by incremental inference (it
-is also the reference of every row's SSIM) and the approximate settings (tau, refine
-fraction r); ``vs_full_est`` is full re-inference's measured ms/pos (the sweep row) times the
-number of positions, divided by the row's p50.
+The full-map rows (stride ``--map-strides``) compute every window of the stride: full
+re-inference (one run: it takes minutes), the exact map by incremental inference (checked
+against ``mode="exact"``, and the reference of every row's SSIM) and the approximate
+settings (tau, refine fraction r). Their speedups are measured against that full
+re-inference run, set-up included; ``of_theory`` = speedup / ``theory_x``.
 
 Threads: ``--threads`` (default 1) for torch and the C++ kernels, set before torch loads. On
 this machine, shared by several processes on 2 cores, two OpenMP threads make every operator
@@ -34,10 +36,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 
-from _runner import BenchTable  # noqa: E402
+from _runner import BenchTable, measure  # noqa: E402
 from captum.attr import Occlusion  # noqa: E402
 from cnnviz_fast import models, occlusion  # noqa: E402
-from cnnviz_fast.explain._incremental import theoretical_flop_ratio  # noqa: E402
+from cnnviz_fast.explain._incremental import incremental_engine, theoretical_flop_ratio  # noqa: E402
 from cnnviz_fast.explain.occlusion import _Sweep, _window_positions  # noqa: E402
 from cnnviz_fast.reference.upsample import minmax_normalize_ref  # noqa: E402
 
@@ -45,7 +47,7 @@ SIZE, WINDOW = 224, (16, 16)
 # (tau, refine_fraction) of the approximate rows: tau caps the projective fields (1.0: no cap),
 # r is the drill-down's refined fraction at the fine stride (coarse stride 16 = the window;
 # 1.0: no drill-down)
-APPROXIMATE = [(0.7, 1.0), (0.5, 1.0), (1.0, 0.5), (0.3, 0.1)]
+APPROXIMATE = [(0.7, 1.0), (0.6, 1.0), (0.5, 1.0), (1.0, 0.5), (0.6, 0.5), (0.3, 0.1)]
 
 
 def grid_subset(stride, grid):
@@ -92,7 +94,7 @@ def ssim(a, b):
 
 
 def sweep_rows(table, name, model, x, target, stride, grid):
-    """The sweep providers on a grid of positions; returns full re-inference's ms/pos."""
+    """The sweep providers on a grid of positions."""
     ids, positions = grid_subset(stride, grid)
     n = len(ids)
     case = f"{name} s{stride} {n}pos"
@@ -102,45 +104,61 @@ def sweep_rows(table, name, model, x, target, stride, grid):
     incremental = _Sweep(model, x, target, WINDOW, 0.0, incremental=True).drops(zeros, positions)[:, 0]
     span = (exact.max() - exact.min()).item()
     assert (incremental - exact).abs().max() <= 1e-4 * span, "incremental differs from exact"
+    # Each provider's time includes its set-up: one clean forward pass, or for incremental the
+    # trace and the clean pass that keeps every activation. A map pays it once for all its
+    # windows, so the per-window costs leave it out.
+    clean_ms = measure(lambda: model(x), min_run_time=0.5)[0]
+    setup_ms = measure(lambda: incremental_engine(model, x[0]), min_run_time=0.5)[0]
 
-    def add(provider, fn, **extra):
-        row = table.add(case, provider, fn, min_run_time=0.1, positions=n, **extra)
+    def add(provider, fn, setup, **extra):
+        row = table.add(case, provider, fn, min_run_time=0.1, positions=n, setup_ms=setup, **extra)
         row["ms/pos"] = row["p50_ms"] / n
+        row["window_ms"] = (row["p50_ms"] - setup) / n
         return row
 
-    full = add("full re-inference b16", lambda: full_reinference(model, x, target, positions))
+    full = add("full re-inference b16", lambda: full_reinference(model, x, target, positions), clean_ms)
+    rows = [full]
     for ppe in (1, 16, 64):
         captum = SubsetOcclusion(model, ids.tolist())
-        add(f"captum ppe={ppe}", lambda: captum.attribute(
+        rows.append(add(f"captum ppe={ppe}", lambda: captum.attribute(
             x, target=target, sliding_window_shapes=(3, *WINDOW), strides=(3, stride, stride),
-            perturbations_per_eval=ppe))
-    add("cnnviz exact", lambda: _Sweep(model, x, target, WINDOW, 0.0).drops(zeros, positions))
+            perturbations_per_eval=ppe), clean_ms))
+    rows.append(add("cnnviz exact", lambda: _Sweep(model, x, target, WINDOW, 0.0).drops(zeros, positions), clean_ms))
     every = _window_positions(SIZE, SIZE, WINDOW, (stride, stride))
     theory = theoretical_flop_ratio(model, tuple(x.shape[1:]), positions, WINDOW)
     row = add("cnnviz incremental",
-              lambda: _Sweep(model, x, target, WINDOW, 0.0, incremental=True).drops(zeros, positions),
+              lambda: _Sweep(model, x, target, WINDOW, 0.0, incremental=True).drops(zeros, positions), setup_ms,
               theory_x=theory, theory_all_x=theoretical_flop_ratio(model, tuple(x.shape[1:]), every, WINDOW))
-    row["of_theory"] = row["vs_baseline"] / theory
-    return full["ms/pos"]
+    rows.append(row)
+    for r in rows:
+        r["per_window_x"] = full["window_ms"] / r["window_ms"]
+    row["of_theory"] = row["per_window_x"] / theory
 
 
-def map_rows(table, name, model, x, target, stride, full_ms_per_pos):
-    """Full maps: exact by incremental inference (the SSIM reference), then approximate."""
+def map_rows(table, name, model, x, target, stride):
+    """Whole maps, every window of the stride: full re-inference (the baseline, one run),
+    exact by incremental inference (the SSIM reference), then the approximate settings."""
     case = f"{name} s{stride} full map"
     every = _window_positions(SIZE, SIZE, WINDOW, (stride, stride))
     n, maps = len(every), {}
+    full_drops = []
+    table.add(case, "full re-inference b16", lambda: full_drops.append(full_reinference(model, x, target, every)),
+              once=True, positions=n)
 
     def add(provider, **kw):
         def run():
             maps[provider] = occlusion(model, x, target, WINDOW, stride, **kw)
         row = table.add(case, provider, run, min_run_time=0.1, positions=n)
         row["ms/pos"] = row["p50_ms"] / n
-        row["vs_full_est"] = full_ms_per_pos * n / row["p50_ms"]
         row["ssim"] = ssim(maps[provider][0], maps["cnnviz incremental"][0])
         return row
 
-    add("cnnviz incremental", mode="incremental")["theory_x"] = theoretical_flop_ratio(
-        model, tuple(x.shape[1:]), every, WINDOW)
+    theory = theoretical_flop_ratio(model, tuple(x.shape[1:]), every, WINDOW)
+    row = add("cnnviz incremental", mode="incremental")
+    row.update(theory_x=theory, of_theory=row["vs_baseline"] / theory)
+    exact_map = occlusion(model, x, target, WINDOW, stride, mode="exact")
+    span = (exact_map.max() - exact_map.min()).item()
+    assert (maps["cnnviz incremental"] - exact_map).abs().max() <= 1e-4 * span, "incremental map differs"
     for tau, r in APPROXIMATE:
         row = add(f"approx tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
                   coarse_stride=WINDOW)
@@ -164,14 +182,15 @@ def main():
         x = torch.rand(1, 3, SIZE, SIZE)
         with torch.no_grad():
             target = int(model(x).argmax())
-            full_ms = {stride: sweep_rows(table, name, model, x, target, stride, args.grid)
-                       for stride in map(int, args.strides.split(","))}
+            for stride in map(int, args.strides.split(",")):
+                sweep_rows(table, name, model, x, target, stride, args.grid)
             for stride in map(int, args.map_strides.split(",")):
-                map_rows(table, name, model, x, target, stride, full_ms[stride])
-    table.report(f"sweep rows: {args.grid}x{args.grid} window positions, p50 includes one clean forward, "
-                 f"ms/pos = p50 / positions; full-map rows: speedup vs their exact incremental map, "
-                 f"vs_full_est = full re-inference ms/pos x positions / p50, ssim vs the exact map; "
-                 f"shared 2-core CPU (noisy), {args.threads} thread(s)")
+                map_rows(table, name, model, x, target, stride)
+    table.report(f"sweep rows: {args.grid}x{args.grid} window positions, p50 includes the set-up (setup_ms: "
+                 f"one clean forward, or the incremental trace + clean pass), window_ms = (p50 - setup) / "
+                 f"positions, per_window_x = full re-inference window_ms / row window_ms, of_theory = "
+                 f"per_window_x / theory_x; full-map rows: every window, speedup vs full re-inference "
+                 f"(one run), of_theory = speedup / theory_x, ssim vs the exact map; {args.threads} thread(s)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Incremental inference (Krypton) equals full re-inference of the occluded copies."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,61 @@ def test_batch_size_independent_and_order_kept():
     # The output row of each position is its own: reversed positions give reversed rows.
     rev = incremental_outputs(model, image, baseline, positions.flip(0), 7, batch_size=3)
     assert torch.allclose(rev.flip(0), one, rtol=0, atol=1e-5 * one.abs().max().item())
+
+
+class SizeFirst(nn.Module):
+    """Reads the batch size before its convolutions and uses it in the head (a non-tensor
+    value that crosses from the body into the head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        return self.fc(self.conv(x).reshape(n, -1))
+
+
+@pytest.mark.parametrize("model", [NETS["plain"], NETS["resnet"], SizeFirst().eval()], ids=["plain", "resnet", "size"])
+def test_head_runs_on_several_batches_at_once(model, monkeypatch):
+    """The head (flatten, linear) runs on the stacked body outputs of many batches, or per
+    batch when a body value is not a tensor of the batch; equal to full inference either way,
+    and with chunks smaller than one batch."""
+    from cnnviz_fast.explain import _incremental
+    image = torch.randn(3, 16, 16)
+    positions = sweep(16, 16, (4, 4), (3, 3))
+    calls = []
+    real = _incremental._Engine._run_head
+    monkeypatch.setattr(_incremental._Engine, "_run_head", lambda self, states, P: calls.append(P) or real(self, states, P))
+    assert_matches_full(model, image, positions, (4, 4), batch_size=4)
+    assert sum(calls) == len(positions)
+    if isinstance(model, SizeFirst):
+        assert max(calls) <= 4
+    else:
+        assert max(calls) > 4, "the head ran batch by batch"
+    monkeypatch.setattr(_incremental, "_HEAD_CHUNK_BYTES", 1)
+    calls.clear()
+    assert_matches_full(model, image, positions, (4, 4), batch_size=4)
+    assert max(calls) <= 4 and sum(calls) == len(positions)
+
+
+def test_batches_partition_the_patches_and_bound_padding():
+    from cnnviz_fast.explain._incremental import incremental_engine
+    model, image = NETS["resnet"], torch.randn(3, 45, 38)
+    engine = incremental_engine(model, image)
+    positions = sweep(45, 38, (6, 6), (5, 4)).numpy()
+    plan = engine.plan(positions, (6, 6))
+    for batch_size in (1, 3, 16):
+        order, batches = engine._batches(plan, batch_size)
+        assert sorted(order.tolist()) == list(range(len(positions)))
+        assert batches[0][0] == 0 and batches[-1][1] == len(positions)
+        assert all(e0 == s1 for (_, e0), (s1, _) in zip(batches, batches[1:]))
+        assert all(0 < e - s <= batch_size for s, e in batches)
+    # Patches with the same boxes pad nothing: full batches.
+    same = np.repeat(positions[len(positions) // 2][None], 9, 0)
+    order, batches = engine._batches(engine.plan(same, (6, 6)), 4)
+    assert [e - s for s, e in batches] == [4, 4, 1]
 
 
 def test_whole_image_window_and_single_position():

@@ -20,6 +20,11 @@ to float32 rounding:
   than ``FULL_FRACTION`` of its map runs on full maps (regions overlaid on the clean maps),
   and so does everything downstream of it.
 
+Batches: patches whose boxes have the same sizes run together; a batch pads its patches to
+common box sizes only while that costs less than running them apart. The head (the nodes
+after the last spatial one: flatten, linear, global pooling) runs on the stacked body outputs
+of many batches, so its weights are read once per chunk of patches.
+
 Approximate mode (``tau``): Krypton's projective-field thresholding. Each box side is capped
 at ``ceil(tau * map side)``, the box kept centred on the uncapped one; values outside it are
 taken from the clean image's activations.
@@ -46,10 +51,16 @@ FULL_FRACTION = 0.5
 # Memory for one batch's full maps when batch_size is None (three live maps of the largest size).
 _BATCH_BUDGET_BYTES = 2 << 30
 _MAX_BATCH = 64
-# On CPU, small batches pad less (fewer box sizes per batch) and lose no throughput: with
-# 16, the padded MACs of a 224-px vgg16 sweep (window 16, stride 8) give 7.5x of the 8.1x
-# theoretical ratio, against 6.6x with 55.
+# On CPU, batches past 16 patches gain no throughput and pad more.
 _MAX_BATCH_CPU = 16
+# A batch runs every node on one common box size, so a patch joins the current batch only
+# while that adds less padding than a batch of its own would cost in per-node overhead, in
+# MACs per node of the graph. CPU: fitted on 224-px vgg16 and resnet18 sweeps (1 thread),
+# where 16 border windows ran at 10.1 ms each on resnet18 with 1e6 and 8.3 ms with 1e7.
+# CUDA: launch latency (~10 us) at tens of TMAC/s, an estimate not yet measured.
+_NODE_OVERHEAD_MACS = {"cpu": 1e7, "cuda": 1e9}
+# Inputs of the head (see _Engine.head) gathered from several batches before it runs.
+_HEAD_CHUNK_BYTES = 64 << 20
 
 _POINTWISE_MODULES = (
     nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
@@ -186,6 +197,12 @@ class _Engine:
         for i, n in enumerate(self.nodes):
             for a in n.all_input_nodes:
                 self.last_use[a] = i
+        # The head: the nodes from which on no node is spatial (flatten, linear, global pooling).
+        # It runs on many patches at once, so that its weights (VGG's 103M-MAC first linear
+        # layer, 411 MB) are read once per chunk rather than once per small batch.
+        self.head = len(self.nodes)
+        while self.kind[self.nodes[self.head - 1]] in (_OTHER, _CONST, _OUTPUT):
+            self.head -= 1
 
     @staticmethod
     def _default(n):
@@ -346,24 +363,94 @@ class _Engine:
                           default=1)
             limit = _MAX_BATCH if image.is_cuda else _MAX_BATCH_CPU
             batch_size = int(min(limit, max(1, _BATCH_BUDGET_BYTES // (3 * largest))))
-        # A batch runs every node on one common box size: patches with the same box sizes at
-        # every node go together (groups in lexicographic order of those sizes, so neighbouring
-        # groups differ little), which pads far less than ordering by cost alone.
-        sizes = np.concatenate([b[:, 1::2] - b[:, ::2] for b in plan.boxes.values()], 1)
-        group = np.unique(sizes, axis=0, return_inverse=True)[1].reshape(-1)
-        order = np.lexsort((plan.cost, group))
+        order, batches = self._batches(plan, batch_size)
         baseline = baseline.to(image.dtype)
         with torch.no_grad():
-            out = torch.cat([self.run(plan, order[s:s + batch_size], baseline, pos, window)
-                             for s in range(0, len(order), batch_size)])
+            out = torch.cat(self._run_batches(plan, order, batches, baseline, pos, window))
             result = torch.empty_like(out)
             result[torch.from_numpy(order).to(out.device)] = out
         return result
 
-    # ----- execution of one batch of patches -----
+    def _batches(self, plan: _Plan, batch_size: int):
+        """The patches in run order and the (start, end) of each batch in it.
 
-    def run(self, plan: _Plan, index: np.ndarray, baseline: torch.Tensor, positions: np.ndarray, window):
-        """Model outputs ``[len(index), ...]`` for the patches ``index`` of ``plan``."""
+        Patches with the same box sizes at every node go together (groups in lexicographic
+        order of those sizes, so neighbouring groups differ little); a batch closes at
+        ``batch_size`` patches or before a patch whose padding would cost more MACs than
+        running it on its own (its MACs plus one batch's overhead)."""
+        sizes = np.concatenate([b[:, 1::2] - b[:, ::2] for b in plan.boxes.values()], 1)
+        group = np.unique(sizes, axis=0, return_inverse=True)[1].reshape(-1)
+        order = np.lexsort((plan.cost, group))
+        weighted = [(self.macs[n] / math.prod(self._spatial(n)), b[:, 1] - b[:, 0], b[:, 3] - b[:, 2])
+                    for n, b in plan.boxes.items() if self.macs[n]]
+        mac = np.array([m for m, _, _ in weighted])
+        h = np.stack([bh for _, bh, _ in weighted], 1)[order] if weighted else np.zeros((len(order), 0))
+        w = np.stack([bw for _, _, bw in weighted], 1)[order] if weighted else np.zeros((len(order), 0))
+        own = (mac * h * w).sum(1)
+        overhead = _NODE_OVERHEAD_MACS.get(self.clean[self.input].device.type, 1e7) * self.head
+        batches, start = [], 0
+        for i in range(len(order)):
+            if i > start:
+                new_h, new_w = np.maximum(top_h, h[i]), np.maximum(top_w, w[i])
+                padded = (i - start + 1) * (mac * new_h * new_w).sum()
+                if i - start < batch_size and padded - cost <= own[i] + overhead:
+                    top_h, top_w, cost = new_h, new_w, padded
+                    continue
+                batches.append((start, i))
+            start, top_h, top_w, cost = i, h[i], w[i], own[i]
+        if len(order):
+            batches.append((start, len(order)))
+        return order, batches
+
+    # ----- execution -----
+
+    def _run_batches(self, plan, order, batches, baseline, positions, window):
+        """Model outputs of the batches, in order: the body batch by batch, the head on the
+        stacked body outputs of as many batches as ``_HEAD_CHUNK_BYTES`` holds (a body output
+        that is not a tensor of the batch, e.g. ``x.size(0)``, keeps the head per batch)."""
+        outs, pending, size = [], [], 0
+
+        def flush():
+            if pending:
+                stacked = {a: torch.cat([p[a] for p, _ in pending]) for a in pending[0][0]}
+                outs.append(self._run_head(stacked, sum(n for _, n in pending)))
+                pending.clear()
+
+        for s, e in batches:
+            body = self.run(plan, order[s:e], baseline, positions, window, stop=self.head)
+            if not all(isinstance(v, torch.Tensor) and v.dim() and len(v) == e - s for v in body.values()):
+                flush()
+                outs.append(self._run_head(body, e - s))
+                size = 0
+                continue
+            pending.append((body, e - s))
+            size += sum(v.numel() * v.element_size() for v in body.values())
+            if size >= _HEAD_CHUNK_BYTES:
+                flush()
+                size = 0
+        flush()
+        return outs
+
+    def _run_head(self, states: dict, P: int):
+        """Model outputs ``[P, ...]`` from the head's inputs ``states`` (node -> full value)."""
+        for n in self.nodes[self.head:]:
+            if self.kind[n] == _CONST:
+                states[n] = self.clean[n]
+            elif self.kind[n] == _OUTPUT:
+                return self._output(n, states.__getitem__, P)
+            else:
+                states[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), states.__getitem__))
+        raise AssertionError("graph without output")
+
+    def _output(self, n, value, P):
+        out = fx.node.map_arg(n.args[0], value)
+        return out if self.kind[n.args[0]] != _CONST else out.expand(P, *out.shape[1:])
+
+    def run(self, plan: _Plan, index: np.ndarray, baseline: torch.Tensor, positions: np.ndarray, window,
+            stop: int | None = None):
+        """Model outputs ``[len(index), ...]`` for the patches ``index`` of ``plan``; with
+        ``stop``, the full values of the nodes computed before node ``stop`` that it or later
+        nodes use."""
         device = baseline.device
         P = len(index)
         states = {}
@@ -399,13 +486,14 @@ class _Engine:
             return state
 
         for i, n in enumerate(self.nodes):
+            if i == stop:
+                return {a: value(a) for a in list(states) if self.kind[a] != _CONST and self.last_use.get(a, -1) >= i}
             kind = self.kind[n]
             if kind == _CONST:
                 states[n] = self.clean[n]
                 continue
             if kind == _OUTPUT:
-                out = fx.node.map_arg(n.args[0], value)
-                return out if self.kind[n.args[0]] != _CONST else out.expand(P, *out.shape[1:])
+                return self._output(n, value, P)
             incremental = kind != _OTHER and not plan.full[n][index].any() and all(
                 self.kind[a] == _CONST or isinstance(states[a], _Region) for a in n.all_input_nodes)
             if kind == _INPUT:
