@@ -18,6 +18,10 @@ against ``mode="exact"``, and the reference of every row's SSIM) and the approxi
 settings (tau, refine fraction r). Their speedups are measured against that full
 re-inference run, set-up included; ``of_theory`` = speedup / ``theory_x``.
 
+The last rows run the approximations on a trained network, the embedded default model, on
+16 shapes images (64 px, window 8, stride 4), with the mean SSIM against the exact maps:
+random-weight maps are noise-like and understate what the drill-down keeps.
+
 Threads: ``--threads`` (default 1) for torch and the C++ kernels, set before torch loads. On
 this machine, shared by several processes on 2 cores, two OpenMP threads make every operator
 wait for a descheduled partner (a batch-1 resnet18 forward took 3.4 s with 2 threads, 0.085 s
@@ -38,7 +42,7 @@ from skimage.metrics import structural_similarity  # noqa: E402
 
 from _runner import BenchTable, measure  # noqa: E402
 from captum.attr import Occlusion  # noqa: E402
-from cnnviz_fast import models, occlusion  # noqa: E402
+from cnnviz_fast import data, models, occlusion  # noqa: E402
 from cnnviz_fast.explain._incremental import incremental_engine, theoretical_flop_ratio  # noqa: E402
 from cnnviz_fast.explain.occlusion import _Sweep, _window_positions  # noqa: E402
 from cnnviz_fast.reference.upsample import minmax_normalize_ref  # noqa: E402
@@ -48,6 +52,7 @@ SIZE, WINDOW = 224, (16, 16)
 # r is the drill-down's refined fraction at the fine stride (coarse stride 16 = the window;
 # 1.0: no drill-down)
 APPROXIMATE = [(0.7, 1.0), (0.6, 1.0), (0.5, 1.0), (1.0, 0.5), (0.6, 0.5), (0.3, 0.1)]
+DEFAULT_MODEL_APPROXIMATE = [(0.6, 1.0), (0.5, 1.0), (0.6, 0.5), (0.6, 0.25), (0.3, 0.1)]
 
 
 def grid_subset(stride, grid):
@@ -165,6 +170,27 @@ def map_rows(table, name, model, x, target, stride):
         row.update(tau=tau, refine=r)
 
 
+def default_model_rows(table, n=16):
+    """The approximations on a trained network: the embedded default model on ``n`` held-out
+    shapes images (64 px, window 8, stride 4, coarse stride 8), mean SSIM against exact."""
+    model, shapes = models.shapes_cnn().eval(), data.shapes(n, size=64, seed=3)
+    x, target = shapes.images, shapes.labels
+    case, maps = f"shapes_cnn 64px s4 {n} images", {}
+
+    def add(provider, **kw):
+        def run():
+            maps[provider] = occlusion(model, x, target, 8, 4, **kw)
+        row = table.add(case, provider, run, min_run_time=0.5, images=n)
+        row["ssim"] = sum(ssim(a, b) for a, b in zip(maps[provider], maps["cnnviz exact"])) / n
+        return row
+
+    add("cnnviz exact", mode="exact")
+    add("cnnviz incremental", mode="incremental")
+    for tau, r in DEFAULT_MODEL_APPROXIMATE:
+        add(f"approx tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
+            coarse_stride=8).update(tau=tau, refine=r)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="vgg16,resnet18")
@@ -186,11 +212,13 @@ def main():
                 sweep_rows(table, name, model, x, target, stride, args.grid)
             for stride in map(int, args.map_strides.split(",")):
                 map_rows(table, name, model, x, target, stride)
+    default_model_rows(table)
     table.report(f"sweep rows: {args.grid}x{args.grid} window positions, p50 includes the set-up (setup_ms: "
                  f"one clean forward, or the incremental trace + clean pass), window_ms = (p50 - setup) / "
                  f"positions, per_window_x = full re-inference window_ms / row window_ms, of_theory = "
                  f"per_window_x / theory_x; full-map rows: every window, speedup vs full re-inference "
-                 f"(one run), of_theory = speedup / theory_x, ssim vs the exact map; {args.threads} thread(s)")
+                 f"(one run), of_theory = speedup / theory_x, ssim vs the exact map; shapes_cnn rows: trained "
+                 f"default model, mean ssim over the images vs exact; {args.threads} thread(s)")
 
 
 if __name__ == "__main__":
