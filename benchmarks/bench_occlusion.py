@@ -15,8 +15,9 @@ the stride's positions; ``of_theory`` is ``per_window_x / theory_x``.
 The full-map rows (stride ``--map-strides``) compute every window of the stride: full
 re-inference (one run: it takes minutes), the exact map by incremental inference (checked
 against ``mode="exact"``, and the reference of every row's SSIM) and the approximate
-settings (tau, refine fraction r). Their speedups are measured against that full
-re-inference run, set-up included; ``of_theory`` = speedup / ``theory_x``.
+settings (tau, refine fraction r; "bf16": ``compute_dtype=torch.bfloat16``). Their speedups
+are measured against that full re-inference run, set-up included; ``of_theory`` = speedup /
+``theory_x``.
 
 The last rows run the approximations on a trained network, the embedded default model, on
 16 shapes images (64 px, window 8, stride 4), with the mean SSIM against the exact maps:
@@ -52,6 +53,8 @@ SIZE, WINDOW = 224, (16, 16)
 # r is the drill-down's refined fraction at the fine stride (coarse stride 16 = the window;
 # 1.0: no drill-down)
 APPROXIMATE = [(0.7, 1.0), (0.6, 1.0), (0.5, 1.0), (1.0, 0.5), (0.6, 0.5), (0.3, 0.1)]
+# the same in bfloat16 (compute_dtype): (tau, refine_fraction)
+APPROXIMATE_BF16 = [(1.0, 1.0), (0.6, 1.0), (0.5, 1.0)]
 DEFAULT_MODEL_APPROXIMATE = [(0.6, 1.0), (0.5, 1.0), (0.6, 0.5), (0.6, 0.25), (0.3, 0.1)]
 
 
@@ -167,6 +170,10 @@ def map_rows(table, name, model, x, target, stride):
     for tau, r in APPROXIMATE:
         row = add(f"approx tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
                   coarse_stride=WINDOW)
+        row.update(tau=tau, refine=r)
+    for tau, r in APPROXIMATE_BF16:
+        row = add(f"approx bf16 tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
+                  coarse_stride=WINDOW, compute_dtype=torch.bfloat16)
         row.update(tau=tau, refine=r)
 
 

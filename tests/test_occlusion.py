@@ -203,6 +203,27 @@ def test_approximate_uses_the_engine_with_tau(net, monkeypatch):
     assert calls and all(c["tau"] == 1.0 for c in calls)
 
 
+def test_compute_dtype_runs_a_converted_copy(net, monkeypatch):
+    calls = spy_engine(monkeypatch)
+    x = torch.randn(2, 3, 14, 12)
+    exact = occlusion(net, x, [0, 2], window=4, stride=3)
+    dtypes = [p.dtype for p in net.parameters()]
+    approx = occlusion(net, x, [0, 2], window=4, stride=3, mode="approximate", tau=1.0, refine_fraction=1.0,
+                       compute_dtype=torch.bfloat16)
+    assert approx.dtype == torch.float32 and calls
+    assert [p.dtype for p in net.parameters()] == dtypes  # the model itself is not converted
+    # bfloat16 rounds to 2**-8 of the values: near, not equal
+    span = (exact.max() - exact.min()).item()
+    assert not torch.equal(approx, exact)
+    assert (approx - exact).abs().max() <= 0.3 * span
+    assert torch.corrcoef(torch.stack([approx.flatten(), exact.flatten()]))[0, 1] > 0.85
+    # float64 windows of a float32 image: the exact map, in float32
+    double = occlusion(net, x, [0, 2], window=4, stride=3, mode="approximate", tau=None, refine_fraction=1.0,
+                       compute_dtype=torch.float64)
+    assert double.dtype == torch.float32
+    assert_close(double, exact, rtol=1e-4, atol=1e-5 * span)
+
+
 class DataDependent(nn.Module):
     """Control flow on values: torch.fx cannot trace it."""
 
@@ -249,6 +270,8 @@ def test_unsupported_layer_runs_full_maps_with_warning(net):
     (dict(mode="approximate", tau=0.0), r"tau: expected a fraction in \(0, 1\]"),
     (dict(mode="approximate", refine_fraction=1.5), "refine_fraction: expected"),
     (dict(mode="approximate", window=4, stride=2, coarse_stride=8), "coarse_stride: .* exceeds"),
+    (dict(mode="approximate", compute_dtype=torch.int8), "compute_dtype: expected None or a floating"),
+    (dict(mode="approximate", compute_dtype="bf16"), "compute_dtype: expected None or a floating"),
     (dict(x=torch.rand(3, 16, 16)), "x: expected a 4-D"),
     (dict(x=torch.ones(2, 3, 16, 16, dtype=torch.long)), "x: expected a floating"),
     (dict(backend="cuda"), "backend: expected one of"),

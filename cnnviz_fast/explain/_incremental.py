@@ -70,7 +70,8 @@ _POINTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
     torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish}
-_POINTWISE_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clamp", "clamp_min", "contiguous"}
+_POINTWISE_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clamp", "clamp_min", "contiguous",
+                      "to"}
 
 _CONST, _INPUT, _WINDOW, _POINTWISE, _CAT, _OTHER, _OUTPUT = range(7)
 

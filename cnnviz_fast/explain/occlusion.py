@@ -8,6 +8,7 @@ reuses the clean image's activations (Krypton, Nakandala et al., SIGMOD 2019) an
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -194,6 +195,18 @@ class _Sweep:
         return self.average(*self.pairs(fine), drops.reshape(B * P, -1))
 
 
+class _Cast(nn.Module):
+    """A model run in another precision whose outputs come back in ``dtype`` (the scores and
+    their differences are then taken at full precision)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x):
+        return self.model(x).to(self.dtype)
+
+
 def _check_stride(name, stride, window, H, W):
     if any(s > w and w < d for s, w, d in zip(stride, window, (H, W))):
         raise ValueError(f"{name}: {stride} exceeds the window {window}; pixels between windows "
@@ -203,7 +216,7 @@ def _check_stride(name, stride, window, H, W):
 def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, baseline=0.0,
               mode: str = "exact", batch_size: int | None = None, backend: str | None = None, *,
               tau: float | None = 0.5, coarse_stride=None, refine_fraction: float = 0.25,
-              memory_budget: int | None = None) -> torch.Tensor:
+              compute_dtype: torch.dtype | None = None, memory_budget: int | None = None) -> torch.Tensor:
     """Occlusion map (Zeiler & Fergus 2014): how much the target score drops when a window of
     the image is replaced by a baseline, averaged over the windows covering each pixel.
 
@@ -241,6 +254,13 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         ``refine_fraction`` (default 0.25) drive the adaptive drill-down: all windows at the
         coarse stride, then only the top ``refine_fraction`` of fine-stride windows ranked by
         the coarse map, the rest estimated by the coarse map's mean over the window.
+        ``compute_dtype`` (e.g. ``torch.bfloat16``; default None: ``x``'s dtype) runs the
+        windows in that precision on a converted copy of the model (the model itself is left
+        as it is; the copy costs its parameters' memory again at that precision) and returns
+        the map in the score's original dtype: on CPUs with AVX-512 BF16 and on GPUs, about
+        twice the convolution throughput, for rounding errors of about 2**-8 of the scores'
+        magnitude, which show where drops are small next to the score (``bench_occlusion.py``:
+        VGG16 SSIM 0.95 without tau).
         ``refine_fraction=1`` with ``tau=None`` is exact. These knobs are ignored by the other modes.
 
     Returns ``[B, H, W]``, or ``[B, k, H, W]`` for ``[B, k]`` targets, in the score's dtype on
@@ -269,6 +289,13 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
             raise ValueError(f"tau: expected a fraction in (0, 1] or None, got {tau!r}")
         if not 0 <= refine_fraction <= 1:
             raise ValueError(f"refine_fraction: expected a fraction in [0, 1], got {refine_fraction!r}")
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+            raise TypeError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
+        if compute_dtype is not None and compute_dtype != x.dtype:
+            model = _Cast(copy.deepcopy(model).to(compute_dtype), x.dtype)
+            x = x.to(compute_dtype)
+            if isinstance(baseline, torch.Tensor):
+                baseline = baseline.to(compute_dtype)
     incremental = mode == "incremental" or (mode == "approximate" and tau is not None)
     with torch.no_grad():
         sweep = _Sweep(model, x, target, window, baseline, batch_size, backend, incremental,
