@@ -25,16 +25,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def measure(fn, device="cpu", min_run_time=1.0, once=False):
     """(p50, p20, p80) in milliseconds: triton's do_bench on CUDA, torch's Timer on CPU;
     ``once``: a single call (for runs of minutes, where repeats cost more than they tell)."""
+    cuda = torch.device(device).type == "cuda"
     if once:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+        sync = torch.cuda.synchronize if cuda else (lambda _device: None)
+        sync(device)
         start = time.perf_counter()
         fn()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         ms = (time.perf_counter() - start) * 1e3
         return ms, ms, ms
-    if torch.device(device).type == "cuda":
+    if cuda:
         from triton.testing import do_bench
         p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80

@@ -49,12 +49,11 @@ from cnnviz_fast.explain.occlusion import _Sweep, _window_positions  # noqa: E40
 from cnnviz_fast.reference.upsample import minmax_normalize_ref  # noqa: E402
 
 SIZE, WINDOW = 224, (16, 16)
-# (tau, refine_fraction) of the approximate rows: tau caps the projective fields (1.0: no cap),
-# r is the drill-down's refined fraction at the fine stride (coarse stride 16 = the window;
-# 1.0: no drill-down)
-APPROXIMATE = [(0.7, 1.0), (0.6, 1.0), (0.5, 1.0), (1.0, 0.5), (0.6, 0.5), (0.3, 0.1)]
-# the same in bfloat16 (compute_dtype): (tau, refine_fraction)
-APPROXIMATE_BF16 = [(1.0, 1.0), (0.6, 1.0), (0.5, 1.0)]
+# (tau, refine_fraction, compute_dtype) of the approximate rows: tau caps the projective fields
+# (1.0: no cap), r is the drill-down's refined fraction at the fine stride (coarse stride 16 =
+# the window; 1.0: no drill-down), compute_dtype None keeps float32
+APPROXIMATE = [(0.7, 1.0, None), (0.6, 1.0, None), (0.5, 1.0, None), (1.0, 0.5, None), (0.6, 0.5, None),
+               (0.3, 0.1, None), (1.0, 1.0, torch.bfloat16), (0.6, 1.0, torch.bfloat16), (0.5, 1.0, torch.bfloat16)]
 DEFAULT_MODEL_APPROXIMATE = [(0.6, 1.0), (0.5, 1.0), (0.6, 0.5), (0.6, 0.25), (0.3, 0.1)]
 
 
@@ -149,9 +148,7 @@ def map_rows(table, name, model, x, target, stride):
     case = f"{name} s{stride} full map"
     every = _window_positions(SIZE, SIZE, WINDOW, (stride, stride))
     n, maps = len(every), {}
-    full_drops = []
-    table.add(case, "full re-inference b16", lambda: full_drops.append(full_reinference(model, x, target, every)),
-              once=True, positions=n)
+    table.add(case, "full re-inference b16", lambda: full_reinference(model, x, target, every), once=True, positions=n)
 
     def add(provider, **kw):
         def run():
@@ -167,13 +164,9 @@ def map_rows(table, name, model, x, target, stride):
     exact_map = occlusion(model, x, target, WINDOW, stride, mode="exact")
     span = (exact_map.max() - exact_map.min()).item()
     assert (maps["cnnviz incremental"] - exact_map).abs().max() <= 1e-4 * span, "incremental map differs"
-    for tau, r in APPROXIMATE:
-        row = add(f"approx tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
-                  coarse_stride=WINDOW)
-        row.update(tau=tau, refine=r)
-    for tau, r in APPROXIMATE_BF16:
-        row = add(f"approx bf16 tau={tau} r={r}", mode="approximate", tau=tau, refine_fraction=r,
-                  coarse_stride=WINDOW, compute_dtype=torch.bfloat16)
+    for tau, r, dtype in APPROXIMATE:
+        row = add(f"approx {'bf16 ' if dtype is torch.bfloat16 else ''}tau={tau} r={r}", mode="approximate",
+                  tau=tau, refine_fraction=r, coarse_stride=WINDOW, compute_dtype=dtype)
         row.update(tau=tau, refine=r)
 
 

@@ -382,13 +382,13 @@ class _Engine:
         sizes = np.concatenate([b[:, 1::2] - b[:, ::2] for b in plan.boxes.values()], 1)
         group = np.unique(sizes, axis=0, return_inverse=True)[1].reshape(-1)
         order = np.lexsort((plan.cost, group))
-        weighted = [(self.macs[n] / math.prod(self._spatial(n)), b[:, 1] - b[:, 0], b[:, 3] - b[:, 2])
-                    for n, b in plan.boxes.items() if self.macs[n]]
-        mac = np.array([m for m, _, _ in weighted])
-        h = np.stack([bh for _, bh, _ in weighted], 1)[order] if weighted else np.zeros((len(order), 0))
-        w = np.stack([bw for _, _, bw in weighted], 1)[order] if weighted else np.zeros((len(order), 0))
+        # per conv node: MACs per output position, and each patch's box (in run order)
+        convs = [n for n in plan.boxes if self.macs[n]]
+        mac = np.array([self.macs[n] / math.prod(self._spatial(n)) for n in convs])
+        box = np.stack([plan.boxes[n][order] for n in convs], 1) if convs else np.zeros((len(order), 0, 4), np.int64)
+        h, w = box[..., 1] - box[..., 0], box[..., 3] - box[..., 2]
         own = (mac * h * w).sum(1)
-        overhead = _NODE_OVERHEAD_MACS.get(self.clean[self.input].device.type, 1e7) * self.head
+        overhead = _NODE_OVERHEAD_MACS.get(self.clean[self.input].device.type, _NODE_OVERHEAD_MACS["cpu"]) * self.head
         batches, start = [], 0
         for i in range(len(order)):
             if i > start:
@@ -412,23 +412,23 @@ class _Engine:
         outs, pending, size = [], [], 0
 
         def flush():
+            nonlocal size
             if pending:
                 stacked = {a: torch.cat([p[a] for p, _ in pending]) for a in pending[0][0]}
                 outs.append(self._run_head(stacked, sum(n for _, n in pending)))
                 pending.clear()
+            size = 0
 
         for s, e in batches:
             body = self.run(plan, order[s:e], baseline, positions, window, stop=self.head)
             if not all(isinstance(v, torch.Tensor) and v.dim() and len(v) == e - s for v in body.values()):
                 flush()
                 outs.append(self._run_head(body, e - s))
-                size = 0
                 continue
             pending.append((body, e - s))
             size += sum(v.numel() * v.element_size() for v in body.values())
             if size >= _HEAD_CHUNK_BYTES:
                 flush()
-                size = 0
         flush()
         return outs
 

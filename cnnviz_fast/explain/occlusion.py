@@ -293,9 +293,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
             raise TypeError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
         if compute_dtype is not None and compute_dtype != x.dtype:
             model = _Cast(copy.deepcopy(model).to(compute_dtype), x.dtype)
-            x = x.to(compute_dtype)
-            if isinstance(baseline, torch.Tensor):
-                baseline = baseline.to(compute_dtype)
+            x = x.to(compute_dtype)  # _expand_baseline casts the baseline to x's dtype
     incremental = mode == "incremental" or (mode == "approximate" and tau is not None)
     with torch.no_grad():
         sweep = _Sweep(model, x, target, window, baseline, batch_size, backend, incremental,
