@@ -231,6 +231,10 @@ def occlusion_scatter(drops: torch.Tensor, image_index: torch.Tensor, positions:
     return sums, counts
 
 
+# The gather only copies elements: its C++ kernel takes float32 and the 16-bit floats.
+_GATHER_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def incremental_gather(clean: torch.Tensor, region: torch.Tensor, region_offsets: torch.Tensor,
                        target_offsets: torch.Tensor, size, fill: float = 0.0,
                        backend: str | None = None) -> torch.Tensor:
@@ -244,6 +248,9 @@ def incremental_gather(clean: torch.Tensor, region: torch.Tensor, region_offsets
     ``[P, C, th, tw]`` of clean's dtype on clean's device: region values where the window
     meets the region, clean values elsewhere in the map, ``fill`` outside it (0.0 for zero
     padding, ``-inf`` for max pooling). ``rh`` or ``rw`` may be 0 (a plain windowed gather).
+    dtypes: float32, bfloat16 or float16 (all three in C++). The C++ backend keeps a
+    channels-last ``clean`` (channel stride 1) channels-last in its output (strides of
+    ``torch.channels_last``); the values never depend on the layout.
     """
     check_tensor("clean", clean, ndim=3)
     check_tensor("region", region, ndim=4)
@@ -257,15 +264,33 @@ def incremental_gather(clean: torch.Tensor, region: torch.Tensor, region_offsets
         raise ValueError(f"region: expected [P, {clean.shape[0]}, rh, rw] of {clean.dtype}, "
                          f"got {tuple(region.shape)} of {region.dtype}")
     th, tw = pair("size", size)
-    impl = _backend.choose("incremental_gather", clean, backend)
+    impl = _backend.choose("incremental_gather", clean, backend, cpp_dtypes=_GATHER_CPP_DTYPES)
     if impl == "reference":
         return incremental_gather_ref(clean, region, region_offsets, target_offsets, (th, tw), fill)
-    out = torch.empty((region.shape[0], clean.shape[0], th, tw), dtype=clean.dtype, device=clean.device)
+    P, C = region.shape[:2]
     if impl == "cpp":
-        _backend.cpp_module().incremental_gather_cpu(
-            clean.detach().contiguous().numpy(), region.detach().contiguous().numpy(),
-            region_offsets.contiguous().numpy(), target_offsets.contiguous().numpy(), out.numpy(), float(fill))
-    else:
+        # Channels-last maps stay channels-last (1 plane of C-element pixels), so that a
+        # network run in that layout never converts.
+        last = C > 1 and clean.permute(1, 2, 0).is_contiguous()
+        planes, unit = (1, C) if last else (C, 1)
+        src = clean.detach().permute(1, 2, 0) if last else clean.detach().contiguous()
+        reg = region.detach().permute(0, 2, 3, 1).contiguous() if last else region.detach().contiguous()
+        out = torch.empty((P, th, tw, C) if last else (P, C, th, tw), dtype=clean.dtype)
+        arrays = [t.reshape(shape) for t, shape in ((src, (planes, *clean.shape[1:], unit)),
+                                                   (reg, (P, planes, *region.shape[2:], unit)),
+                                                   (out, (P, planes, th, tw, unit)))]
+        offsets = region_offsets.contiguous().numpy(), target_offsets.contiguous().numpy()
+        if clean.dtype == torch.float32:
+            _backend.cpp_module().incremental_gather_cpu(
+                arrays[0].numpy(), arrays[1].numpy(), *offsets, arrays[2].numpy(), float(fill))
+        else:  # a 16-bit float: the kernel copies bit patterns
+            bits = torch.tensor(fill, dtype=clean.dtype).view(torch.int16).item()
+            _backend.cpp_module().incremental_gather_cpu16(
+                *(a.view(torch.int16).numpy() for a in arrays[:2]), *offsets, arrays[2].view(torch.int16).numpy(),
+                bits)
+        return out.permute(0, 3, 1, 2) if last else out
+    out = torch.empty((P, C, th, tw), dtype=clean.dtype, device=clean.device)
+    if impl == "triton":
         from .kernels.incremental import incremental_gather_triton
         incremental_gather_triton(clean.contiguous(), region.contiguous(), region_offsets.contiguous(),
                                   target_offsets.contiguous(), out, float(fill))

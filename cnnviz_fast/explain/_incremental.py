@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import check_same_device, check_tensor, pair
 from ..ops import incremental_gather
@@ -121,13 +122,32 @@ class _Window:
     run: object       # callable: gathered [P, C, th, tw] -> [P, C', rh, rw]
 
 
+# Channels-last copies of conv weights (see _conv_weight), dropped with their weights.
+_CHANNELS_LAST_WEIGHTS = WeakIdKeyDictionary()
+
+
+def _conv_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` in ``x``'s layout. On channels-last inputs ATen copies a channels-first weight
+    to channels-last at every call (5% of a VGG16 map in bfloat16), so the copy is kept, and
+    made again when the weight is modified in place."""
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous() or \
+            weight.is_contiguous(memory_format=torch.channels_last):
+        return weight
+    version, copy = _CHANNELS_LAST_WEIGHTS.get(weight, (None, None))
+    if version != weight._version:
+        copy = weight.detach().contiguous(memory_format=torch.channels_last)
+        _CHANNELS_LAST_WEIGHTS[weight] = weight._version, copy
+    return copy
+
+
 def _window_of(m: nn.Module):
     """The _Window of a supported Conv2d/MaxPool2d/AvgPool2d, else None."""
     if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
         k, s, d = m.kernel_size, m.stride, m.dilation
         pad = m.padding if not isinstance(m.padding, str) else \
             (0, 0) if m.padding == "valid" else tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
-        return _Window(k, s, pad, d, 0.0, lambda x: F.conv2d(x, m.weight, m.bias, s, 0, d, m.groups))
+        return _Window(k, s, pad, d, 0.0,
+                       lambda x: F.conv2d(x, _conv_weight(m.weight, x), m.bias, s, 0, d, m.groups))
     if isinstance(m, nn.MaxPool2d) and not m.return_indices:
         k, s, p, d = (pair("kernel_size", m.kernel_size), pair("stride", m.stride or m.kernel_size),
                       pair("padding", m.padding, 0), pair("dilation", m.dilation))
@@ -181,7 +201,7 @@ class _Engine:
         with torch.no_grad():
             for n in self.nodes:
                 if n.op == "placeholder":
-                    self.clean[n] = image[None] if n is self.input else self._default(n)
+                    self.clean[n] = self._layout(image[None]) if n is self.input else self._default(n)
                 elif n.op != "output":
                     self.clean[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), self.clean.__getitem__))
                     if any(a in dependent for a in n.all_input_nodes):
@@ -204,6 +224,13 @@ class _Engine:
         self.head = len(self.nodes)
         while self.kind[self.nodes[self.head - 1]] in (_OTHER, _CONST, _OUTPUT):
             self.head -= 1
+
+    @staticmethod
+    def _layout(image):
+        """On CPU the clean pass and the patches run channels-last (the gather keeps it): there
+        oneDNN's convolutions run 5-15% faster on the engine's small batches, and max pooling
+        about 15x (channels-first max pooling is not vectorized over channels)."""
+        return image.contiguous(memory_format=torch.channels_last) if image.device.type == "cpu" else image
 
     @staticmethod
     def _default(n):

@@ -50,6 +50,28 @@ def test_matches_reference(backend, shape, fill):
     assert_close(got, expected, rtol=0, atol=0, what=f"{backend} {shape} fill={fill}")
 
 
+@pytest.mark.parametrize("fill", [0.0, float("-inf")])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("backend", fast_backends())
+def test_dtypes_and_layouts(backend, shape, dtype, channels_last, fill):
+    """16-bit floats (copied as bit patterns in C++) and channels-last maps: still a pure copy,
+    and C++ keeps channels-last maps channels-last."""
+    P, C, H, W, rh, rw, th, tw = shape
+    clean, region, roff, toff = _inputs(*shape, torch.Generator().manual_seed(sum(shape) + 7))
+    clean, region = clean.to(dtype), region.to(dtype)
+    expected = incremental_gather_ref(clean.double(), region.double(), roff, toff, (th, tw), fill)
+    if channels_last:
+        clean = clean[None].contiguous(memory_format=torch.channels_last)[0]
+        region = region.contiguous(memory_format=torch.channels_last)
+    got = incremental_gather(clean, region, roff, toff, (th, tw), fill=fill, backend=backend)
+    assert got.dtype == dtype and got.shape == (P, C, th, tw)
+    assert_close(got.double(), expected, rtol=0, atol=0, what=f"{backend} {dtype} {shape} fill={fill}")
+    if backend == "cpp" and channels_last and C > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_reference_by_hand():
     # clean 1x3x4 with values 0..11; a 1x1 region (value -1) at (1, 2); window 3x3 at (0, 1).
     clean = torch.arange(12.0).view(1, 3, 4)
