@@ -224,6 +224,60 @@ def test_compute_dtype_runs_a_converted_copy(net, monkeypatch):
     assert_close(double, exact, rtol=1e-4, atol=1e-5 * span)
 
 
+class MLPHead(nn.Module):
+    """A conv body and a two-layer head whose first Linear feeds an in-place ReLU, with a large
+    bias on the scores: in bfloat16 (spacing 4 at 1000) the scores themselves would be rounded
+    by more than the drops."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 6 * 5, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+        with torch.no_grad():
+            self.head[3].bias += 1000.0
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_compute_dtype_keeps_the_head_in_full_precision():
+    torch.manual_seed(4)
+    model = MLPHead().eval()
+    x = torch.randn(2, 3, 12, 10)
+    exact = occlusion(model, x, [0, 2], window=4, stride=2)
+    span = (exact.max() - exact.min()).item()
+    kw = dict(window=4, stride=2, mode="approximate", tau=1.0, refine_fraction=1.0)
+    # float64 body, float32 head whose Linear layers apply float64 weights to the change from
+    # the clean input: the exact map (and the in-place ReLU did not spoil the clean values)
+    # (both maps are differences of float32 scores near 1000: spacing 6.1e-5)
+    assert_close(occlusion(model, x, [0, 2], compute_dtype=torch.float64, **kw), exact, rtol=0, atol=2.5e-4)
+    # bfloat16 body: near the exact map, as the scores are never rounded to bfloat16 ...
+    mixed = occlusion(model, x, [0, 2], compute_dtype=torch.bfloat16, **kw)
+    assert mixed.dtype == torch.float32
+    assert 0 < (mixed - exact).abs().max() <= 0.1 * span
+    # ... which the whole model in bfloat16 (the path of untraceable models) cannot be
+    whole = occlusion(model, x, [0, 2], compute_dtype=torch.bfloat16, **{**kw, "tau": None})
+    assert (whole - exact).abs().max() > 0.5 * span
+
+
+def test_engine_mixed_precision_leaves_the_model_alone():
+    torch.manual_seed(5)
+    model = MLPHead().eval()
+    image = torch.randn(3, 12, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = _incremental.incremental_engine(model, image, compute_dtype=torch.bfloat16)
+    positions = torch.tensor([[0, 0], [4, 6], [8, 8]])
+    out = engine.outputs(torch.zeros_like(image), positions, 4)
+    assert out.dtype == torch.float32 and engine.output.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == model.state_dict()[k].dtype
+               for k, v in before.items())
+    copies = image.expand(3, -1, -1, -1).clone()
+    for c, (t, l) in zip(copies, positions.tolist()):
+        c[:, t:t + 4, l:l + 4] = 0
+    drops = model(image[None]) - model(copies)
+    assert_close(engine.output - out, drops, rtol=0, atol=0.05 * drops.abs().max().item())
+
+
 class DataDependent(nn.Module):
     """Control flow on values: torch.fx cannot trace it."""
 

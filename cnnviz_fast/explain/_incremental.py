@@ -31,6 +31,7 @@ taken from the clean image's activations.
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import warnings
@@ -189,25 +190,21 @@ class _Plan:
 class _Engine:
     """A traced model, its clean activations for one image, and the incremental passes."""
 
-    def __init__(self, model: nn.Module, image: torch.Tensor, tau=None):
+    def __init__(self, model: nn.Module, image: torch.Tensor, tau=None, compute_dtype=None):
         self.model = model
         self.tau = tau
         self.graph = _trace(model)
         self.nodes = list(self.graph.nodes)
         self.modules = dict(model.named_modules())
+        # Mixed precision (see _lower_body): set once the head is known.
+        self.dtype, self.compute_dtype, self.lowered, self.head_weights, self.head_clean = image.dtype, None, {}, {}, {}
         inputs = [n for n in self.nodes if n.op == "placeholder"]
         self.input = inputs[0]
-        self.clean, dependent = {}, {self.input}
-        with torch.no_grad():
-            for n in self.nodes:
-                if n.op == "placeholder":
-                    self.clean[n] = self._layout(image[None]) if n is self.input else self._default(n)
-                elif n.op != "output":
-                    self.clean[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), self.clean.__getitem__))
-                    if any(a in dependent for a in n.all_input_nodes):
-                        dependent.add(n)
-        # the clean image's model output, [1, ...]
-        self.output = fx.node.map_arg(self.nodes[-1].args[0], self.clean.__getitem__)
+        dependent = {self.input}
+        self._clean_pass(image)
+        for n in self.nodes:
+            if n.op not in ("placeholder", "output") and any(a in dependent for a in n.all_input_nodes):
+                dependent.add(n)
         self.kind, self.window, self.macs, self.identity = {}, {}, {}, set()
         for n in self.nodes:
             self.kind[n] = _OUTPUT if n.op == "output" else _INPUT if n is self.input else \
@@ -224,6 +221,58 @@ class _Engine:
         self.head = len(self.nodes)
         while self.kind[self.nodes[self.head - 1]] in (_OTHER, _CONST, _OUTPUT):
             self.head -= 1
+        if compute_dtype not in (None, image.dtype):
+            self.compute_dtype = compute_dtype
+            self._lower_body(image)
+
+    def _clean_pass(self, image):
+        """Every node's value on the clean image (``self.clean``) and the model output
+        (``self.output``, ``[1, ...]``): the body in its modules' dtype, the head's inputs cast
+        to the image's dtype."""
+        self.clean = {}
+        head = getattr(self, "head", len(self.nodes))
+        with torch.no_grad():
+            for i, n in enumerate(self.nodes):
+                if n.op == "placeholder":
+                    self.clean[n] = self._layout(image[None].to(self.compute_dtype or image.dtype)) \
+                        if n is self.input else self._default(n)
+                elif n.op != "output":
+                    value = self.clean.__getitem__ if i < head else self._head_input
+                    self.clean[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), value))
+                    if n.op == "get_attr" and i < head and self.compute_dtype is not None:
+                        self.clean[n] = self._cast(self.clean[n], self.compute_dtype)
+                    if n in self.head_weights:  # copies: in-place layers after it change the values
+                        self.head_clean[n] = value(n.args[0]).clone(), self.clean[n].clone()
+        self.output = fx.node.map_arg(self.nodes[-1].args[0], self._head_input)
+
+    def _lower_body(self, image):
+        """Mixed precision: the body (every node before the head) runs on ``compute_dtype``
+        copies of its modules, and the head in the image's dtype on the body's values cast
+        up, so that the scores are not rounded to ``compute_dtype``: their rounding (2**-8 of a
+        score in bfloat16) would swamp the small drops. The head's Linear layers apply
+        ``compute_dtype`` weights to the change from the clean input only (``_run_head``)."""
+        copies = {}
+        for i, n in enumerate(self.nodes):
+            if n.op != "call_module" or self.kind[n] == _CONST:
+                continue
+            m = self.modules[n.target]
+            if i < self.head:
+                if n.target not in copies:
+                    copies[n.target] = copy.deepcopy(m).to(self.compute_dtype)
+                self.lowered[n] = copies[n.target]
+                if n in self.window:
+                    self.window[n] = _window_of(self.lowered[n])
+            elif isinstance(m, nn.Linear) and len(n.args) == 1 and not n.kwargs:
+                self.head_weights[n] = m.weight.detach().to(self.compute_dtype)
+        self._clean_pass(image)
+
+    @staticmethod
+    def _cast(v, dtype):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def _head_input(self, n):
+        """A clean value as the head reads it: in the image's dtype."""
+        return self._cast(self.clean[n], self.dtype)
 
     @staticmethod
     def _layout(image):
@@ -241,7 +290,8 @@ class _Engine:
     def _call(self, n, args_kwargs):
         args, kwargs = args_kwargs
         if n.op == "call_module":
-            return self.modules[n.target](*args, **kwargs)
+            m = self.lowered.get(n)
+            return (self.modules[n.target] if m is None else m)(*args, **kwargs)
         if n.op == "call_function":
             return n.target(*args, **kwargs)
         if n.op == "call_method":
@@ -466,6 +516,11 @@ class _Engine:
                 states[n] = self.clean[n]
             elif self.kind[n] == _OUTPUT:
                 return self._output(n, states.__getitem__, P)
+            elif n in self.head_weights:
+                # W x + b = (W x0 + b) + W (x - x0): only the change meets the rounding of compute_dtype
+                clean_input, clean_output = self.head_clean[n]
+                change = (states[n.args[0]] - clean_input).to(self.compute_dtype)
+                states[n] = clean_output + F.linear(change, self.head_weights[n]).to(self.dtype)
             else:
                 states[n] = self._call(n, fx.node.map_arg((n.args, n.kwargs), states.__getitem__))
         raise AssertionError("graph without output")
@@ -515,7 +570,8 @@ class _Engine:
 
         for i, n in enumerate(self.nodes):
             if i == stop:
-                return {a: value(a) for a in list(states) if self.kind[a] != _CONST and self.last_use.get(a, -1) >= i}
+                return {a: self._cast(value(a), self.dtype) for a in list(states)
+                        if self.kind[a] != _CONST and self.last_use.get(a, -1) >= i}
             kind = self.kind[n]
             if kind == _CONST:
                 states[n] = self.clean[n]
@@ -600,15 +656,21 @@ def incremental_outputs(model: nn.Module, image: torch.Tensor, baseline: torch.T
     return incremental_engine(model, image, tau).outputs(baseline, positions, window, batch_size)
 
 
-def incremental_engine(model: nn.Module, image: torch.Tensor, tau: float | None = None) -> _Engine:
+def incremental_engine(model: nn.Module, image: torch.Tensor, tau: float | None = None,
+                       compute_dtype: torch.dtype | None = None) -> _Engine:
     """The traced model with the clean activations of ``image [C, H, W]``: ``.output`` is the
     clean model output ``[1, ...]``, ``.outputs(baseline, positions, window, batch_size)``
     the occluded copies' outputs as ``incremental_outputs`` describes (reuse it for several
-    lists of windows of one image)."""
+    lists of windows of one image). compute_dtype (approximate; e.g. ``torch.bfloat16``): the
+    body (every node before the head of flatten/linear/global pooling) runs on copies of its
+    modules in that dtype, the head in the image's dtype with its Linear layers applying
+    compute_dtype weights to the change from the clean input; outputs in the image's dtype."""
     check_tensor("image", image, ndim=3)
     if tau is not None and not 0 < tau <= 1:
         raise ValueError(f"tau: expected None or a fraction in (0, 1], got {tau!r}")
-    return _Engine(model, image, tau)
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TypeError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
+    return _Engine(model, image, tau, compute_dtype)
 
 
 def theoretical_flop_ratio(model: nn.Module, image_shape, positions: torch.Tensor, window) -> float:
