@@ -189,6 +189,25 @@ def test_head_runs_on_several_batches_at_once(model, monkeypatch):
     assert max(calls) <= 4 and sum(calls) == len(positions)
 
 
+class ViewHead(nn.Module):
+    """``x.view(n, -1)`` into the head, as older models write it: it fails on the channels-last
+    maps the engine uses on CPU, so such layers must get channels-first tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(4 * 6 * 5, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_layers_outside_the_engine_get_channels_first_tensors():
+    image = torch.randn(3, 12, 10)
+    assert_matches_full(ViewHead().eval(), image, sweep(12, 10, (3, 3), (2, 2)), (3, 3), batch_size=4)
+
+
 def test_batches_partition_the_patches_and_bound_padding():
     from cnnviz_fast.explain._incremental import incremental_engine
     model, image = NETS["resnet"], torch.randn(3, 45, 38)
@@ -222,6 +241,34 @@ def test_model_left_as_found():
     assert not model.training and [p.requires_grad for p in model.parameters()] == flags
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_engines_of_one_call_share_converted_weights():
+    """The engines of one call (one per image) share the compute_dtype copies of the body's
+    modules, the head's converted Linear weights and the channels-last conv weights; float64
+    windows of float32 images give float32 outputs equal to full inference."""
+    from cnnviz_fast.explain._incremental import incremental_engine
+    model, cache = NETS["resnet"], {}
+    images = torch.randn(2, 3, 24, 24)
+    engines = [incremental_engine(model, image, compute_dtype=torch.float64, cache=cache) for image in images]
+    # each engine traces the model: its nodes are its own, their names are shared
+    a, b = ({n.name: v for n, v in e.lowered.items()} for e in engines)
+    assert a and a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    a, b = ({n.name: v for n, v in e.head_weights.items()} for e in engines)
+    assert a and a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    assert all(p.dtype == torch.float64 for m in engines[0].lowered.values() for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    positions = torch.tensor([[0, 0], [9, 13], [20, 20]])
+    for engine, image in zip(engines, images):
+        # on CPU the body's maps are channels-last
+        conv = next(n for n in engine.window if isinstance(engine.lowered[n], nn.Conv2d))
+        assert engine.clean[conv].is_contiguous(memory_format=torch.channels_last)
+        got = engine.outputs(torch.zeros_like(image), positions, 4)
+        expected = occluded_outputs(model, image, torch.zeros_like(image), positions, (4, 4))
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    n_channels_last = sum(1 for (_, key) in cache if key is torch.channels_last)
+    assert n_channels_last == sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def test_tau_caps_regions():

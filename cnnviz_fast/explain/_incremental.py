@@ -42,7 +42,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import check_same_device, check_tensor, pair
 from ..ops import incremental_gather
@@ -76,6 +75,15 @@ _POINTWISE_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "cl
                       "to"}
 
 _CONST, _INPUT, _WINDOW, _POINTWISE, _CAT, _OTHER, _OUTPUT = range(7)
+_ANY_LAYOUT_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                       *_POINTWISE_MODULES)
+
+
+def _channels_first(v):
+    if isinstance(v, torch.Tensor) and v.dim() == 4 and not v.is_contiguous() and \
+            v.is_contiguous(memory_format=torch.channels_last):
+        return v.contiguous()
+    return v
 
 
 class UnsupportedModel(Exception):
@@ -123,32 +131,33 @@ class _Window:
     run: object       # callable: gathered [P, C, th, tw] -> [P, C', rh, rw]
 
 
-# Channels-last copies of conv weights (see _conv_weight), dropped with their weights.
-_CHANNELS_LAST_WEIGHTS = WeakIdKeyDictionary()
+def _converted(cache: dict, source, key, make):
+    """``make(source)`` once per ``cache`` (one occlusion call: its engines share the copies,
+    which go with the call)."""
+    entry = cache.get((id(source), key))
+    if entry is None:
+        entry = cache[id(source), key] = (source, make(source))  # holds source: its id stays unique
+    return entry[1]
 
 
-def _conv_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight`` in ``x``'s layout. On channels-last inputs ATen copies a channels-first weight
-    to channels-last at every call (5% of a VGG16 map in bfloat16), so the copy is kept, and
-    made again when the weight is modified in place."""
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous() or \
-            weight.is_contiguous(memory_format=torch.channels_last):
-        return weight
-    version, copy = _CHANNELS_LAST_WEIGHTS.get(weight, (None, None))
-    if version != weight._version:
-        copy = weight.detach().contiguous(memory_format=torch.channels_last)
-        _CHANNELS_LAST_WEIGHTS[weight] = weight._version, copy
-    return copy
+def _conv_weight(cache: dict, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A conv weight for input ``x``: on channels-last inputs ATen copies a channels-first
+    weight at every call (5% of a VGG16 map in bfloat16), so one copy per call instead."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return _converted(cache, weight, torch.channels_last,
+                          lambda w: w.detach().contiguous(memory_format=torch.channels_last))
+    return weight
 
 
-def _window_of(m: nn.Module):
+def _window_of(m: nn.Module, cache: dict):
     """The _Window of a supported Conv2d/MaxPool2d/AvgPool2d, else None."""
     if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
         k, s, d = m.kernel_size, m.stride, m.dilation
         pad = m.padding if not isinstance(m.padding, str) else \
             (0, 0) if m.padding == "valid" else tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
-        return _Window(k, s, pad, d, 0.0,
-                       lambda x: F.conv2d(x, _conv_weight(m.weight, x), m.bias, s, 0, d, m.groups))
+
+        return _Window(k, s, pad, d, 0.0, lambda x: F.conv2d(x, _conv_weight(cache, m.weight, x), m.bias, s, 0, d,
+                                                               m.groups))
     if isinstance(m, nn.MaxPool2d) and not m.return_indices:
         k, s, p, d = (pair("kernel_size", m.kernel_size), pair("stride", m.stride or m.kernel_size),
                       pair("padding", m.padding, 0), pair("dilation", m.dilation))
@@ -190,14 +199,17 @@ class _Plan:
 class _Engine:
     """A traced model, its clean activations for one image, and the incremental passes."""
 
-    def __init__(self, model: nn.Module, image: torch.Tensor, tau=None, compute_dtype=None):
+    def __init__(self, model: nn.Module, image: torch.Tensor, tau=None, compute_dtype=None, cache=None):
         self.model = model
         self.tau = tau
+        # converted weights and modules (channels-last, compute_dtype), shared by the engines of a call
+        self.cache = {} if cache is None else cache
         self.graph = _trace(model)
         self.nodes = list(self.graph.nodes)
         self.modules = dict(model.named_modules())
         # Mixed precision (see _lower_body): set once the head is known.
         self.dtype, self.compute_dtype, self.lowered, self.head_weights, self.head_clean = image.dtype, None, {}, {}, {}
+        self.window = {}  # node -> _Window, filled by _classify
         inputs = [n for n in self.nodes if n.op == "placeholder"]
         self.input = inputs[0]
         dependent = {self.input}
@@ -205,7 +217,7 @@ class _Engine:
         for n in self.nodes:
             if n.op not in ("placeholder", "output") and any(a in dependent for a in n.all_input_nodes):
                 dependent.add(n)
-        self.kind, self.window, self.macs, self.identity = {}, {}, {}, set()
+        self.kind, self.macs, self.identity = {}, {}, set()
         for n in self.nodes:
             self.kind[n] = _OUTPUT if n.op == "output" else _INPUT if n is self.input else \
                 _CONST if n not in dependent else self._classify(n)
@@ -251,19 +263,18 @@ class _Engine:
         up, so that the scores are not rounded to ``compute_dtype``: their rounding (2**-8 of a
         score in bfloat16) would swamp the small drops. The head's Linear layers apply
         ``compute_dtype`` weights to the change from the clean input only (``_run_head``)."""
-        copies = {}
         for i, n in enumerate(self.nodes):
             if n.op != "call_module" or self.kind[n] == _CONST:
                 continue
             m = self.modules[n.target]
             if i < self.head:
-                if n.target not in copies:
-                    copies[n.target] = copy.deepcopy(m).to(self.compute_dtype)
-                self.lowered[n] = copies[n.target]
+                self.lowered[n] = _converted(self.cache, m, self.compute_dtype,
+                                             lambda m: copy.deepcopy(m).to(self.compute_dtype))
                 if n in self.window:
-                    self.window[n] = _window_of(self.lowered[n])
+                    self.window[n] = _window_of(self.lowered[n], self.cache)
             elif isinstance(m, nn.Linear) and len(n.args) == 1 and not n.kwargs:
-                self.head_weights[n] = m.weight.detach().to(self.compute_dtype)
+                self.head_weights[n] = _converted(self.cache, m.weight, self.compute_dtype,
+                                                  lambda w: w.detach().to(self.compute_dtype))
         self._clean_pass(image)
 
     @staticmethod
@@ -288,10 +299,17 @@ class _Engine:
         return n.args[0]
 
     def _call(self, n, args_kwargs):
+        if not self._any_layout(n):
+            # Channels-last maps are the engine's choice: other layers get the channels-first
+            # tensors a model expects (``x.view(n, -1)`` fails on channels-last ones).
+            args_kwargs = fx.node.map_aggregate(args_kwargs, _channels_first)
         args, kwargs = args_kwargs
         if n.op == "call_module":
             m = self.lowered.get(n)
-            return (self.modules[n.target] if m is None else m)(*args, **kwargs)
+            m = self.modules[n.target] if m is None else m
+            if n in self.window and isinstance(m, nn.Conv2d):  # on full maps
+                return m._conv_forward(args[0], _conv_weight(self.cache, m.weight, args[0]), m.bias)
+            return m(*args, **kwargs)
         if n.op == "call_function":
             return n.target(*args, **kwargs)
         if n.op == "call_method":
@@ -299,6 +317,14 @@ class _Engine:
         if n.op == "get_attr":
             return _getattr(self.model, n.target)
         raise AssertionError(n.op)
+
+    def _any_layout(self, n) -> bool:
+        """Whether node n is a layer the engine may run on channels-last maps."""
+        if n.op == "call_module":
+            return isinstance(self.modules[n.target], _ANY_LAYOUT_MODULES)
+        if n.op == "call_function":
+            return n.target in _POINTWISE_FUNCTIONS or n.target is torch.cat
+        return n.op == "call_method" and n.target in _POINTWISE_METHODS
 
     def _spatial(self, n):
         """(H, W) of a node whose clean value is a [1, C, H, W] tensor, else None."""
@@ -312,7 +338,7 @@ class _Engine:
         if n.op == "call_module":
             m = self.modules[n.target]
             if not n.kwargs and len(n.args) == 1 and self._spatial(n.args[0]) is not None:
-                window = _window_of(m)
+                window = _window_of(m, self.cache)
                 if window is not None:
                     self.window[n] = window
                     return _WINDOW
@@ -657,20 +683,22 @@ def incremental_outputs(model: nn.Module, image: torch.Tensor, baseline: torch.T
 
 
 def incremental_engine(model: nn.Module, image: torch.Tensor, tau: float | None = None,
-                       compute_dtype: torch.dtype | None = None) -> _Engine:
+                       compute_dtype: torch.dtype | None = None, cache: dict | None = None) -> _Engine:
     """The traced model with the clean activations of ``image [C, H, W]``: ``.output`` is the
     clean model output ``[1, ...]``, ``.outputs(baseline, positions, window, batch_size)``
     the occluded copies' outputs as ``incremental_outputs`` describes (reuse it for several
     lists of windows of one image). compute_dtype (approximate; e.g. ``torch.bfloat16``): the
     body (every node before the head of flatten/linear/global pooling) runs on copies of its
     modules in that dtype, the head in the image's dtype with its Linear layers applying
-    compute_dtype weights to the change from the clean input; outputs in the image's dtype."""
+    compute_dtype weights to the change from the clean input; outputs in the image's dtype.
+    cache: a dict shared by the engines of several images of one model, so that they share
+    the converted weights and modules (channels-last, compute_dtype) instead of copying them."""
     check_tensor("image", image, ndim=3)
     if tau is not None and not 0 < tau <= 1:
         raise ValueError(f"tau: expected None or a fraction in (0, 1], got {tau!r}")
     if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
         raise TypeError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
-    return _Engine(model, image, tau, compute_dtype)
+    return _Engine(model, image, tau, compute_dtype, cache)
 
 
 def theoretical_flop_ratio(model: nn.Module, image_shape, positions: torch.Tensor, window) -> float:

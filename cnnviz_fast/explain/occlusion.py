@@ -103,7 +103,8 @@ class _Sweep:
         """Incremental engines of every image, or None (with a warning) for an untraceable model."""
         from ._incremental import UnsupportedModel, incremental_engine
         try:
-            return [incremental_engine(self.model, image, tau, compute_dtype) for image in self.x]
+            cache = {}  # the images' engines share converted weights
+            return [incremental_engine(self.model, image, tau, compute_dtype, cache) for image in self.x]
         except UnsupportedModel as err:
             warnings.warn(f"occlusion: incremental inference does not support layer {err.layer!r}; "
                           f"falling back to exact full inference", RuntimeWarning, stacklevel=4)
