@@ -263,8 +263,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         the clean input only, so the scores are never rounded to ``compute_dtype``: their
         rounding (2**-8 of a score in bfloat16) would swamp the small drops. On CPUs with
         AVX-512 BF16 and on GPUs, about twice the convolution throughput
-        (``bench_occlusion.py``, random weights: VGG16 about 1.9x faster than float32 at SSIM
-        0.985, ResNet-18 1.8x at SSIM 0.993). With ``tau=None`` (windows by full inference) or
+        (``bench_occlusion.py``, random weights, whole maps: VGG16 2.0x faster than the
+        float32 incremental map at SSIM 0.985, ResNet-18 1.7x at SSIM 0.993). With ``tau=None`` (windows by full inference) or
         a model that cannot be traced, the whole model runs in ``compute_dtype``, its scores
         included: far less accurate.
         ``refine_fraction=1`` with ``tau=None`` is exact. These knobs are ignored by the other modes.
