@@ -278,6 +278,35 @@ def test_engine_mixed_precision_leaves_the_model_alone():
     assert_close(engine.output - out, drops, rtol=0, atol=0.05 * drops.abs().max().item())
 
 
+class FlatInput(nn.Module):
+    """``x.view(n, -1)`` on the input itself: fails on channels-last tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_exact_runs_channels_last_on_cpu_where_the_model_takes_it(net):
+    seen = []
+    handle = net.stem[0].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        x = torch.randn(2, 3, 12, 12)
+        got = occlusion(net, x, [0, 2], window=4, stride=4)
+    finally:
+        handle.remove()
+    assert seen and all(seen)  # the clean pass and every chunk of copies
+    assert_close(got, captum_map(net, x, torch.tensor([0, 2]), (4, 4), (4, 4), 0.0), rtol=1e-4, atol=1e-5)
+    # a model that cannot take channels-last tensors runs channels-first, same numbers
+    torch.manual_seed(6)
+    flat, x = FlatInput().eval(), torch.randn(2, 3, 8, 8)
+    assert_close(occlusion(flat, x, 1, window=3, stride=2), captum_map(flat, x, 1, (3, 3), (2, 2), 0.0),
+                 rtol=1e-4, atol=1e-5)
+
+
 class DataDependent(nn.Module):
     """Control flow on values: torch.fx cannot trace it."""
 

@@ -213,12 +213,13 @@ class _Engine:
         self.nodes = list(self.graph.nodes)
         self.modules = dict(model.named_modules())
         # Mixed precision (see _lower_body): set once the head is known.
-        self.dtype, self.compute_dtype, self.lowered, self.head_weights, self.head_clean = image.dtype, None, {}, {}, {}
+        self.dtype, self.compute_dtype = image.dtype, None
+        self.lowered, self.head_weights, self.head_clean = {}, {}, {}
         self.window = {}  # node -> _Window, filled by _classify
         inputs = [n for n in self.nodes if n.op == "placeholder"]
         self.input = inputs[0]
         dependent = {self.input}
-        self._clean_pass(image)
+        self._clean_pass(image, head=len(self.nodes))
         for n in self.nodes:
             if n.op not in ("placeholder", "output") and any(a in dependent for a in n.all_input_nodes):
                 dependent.add(n)
@@ -242,12 +243,11 @@ class _Engine:
             self.compute_dtype = compute_dtype
             self._lower_body(image)
 
-    def _clean_pass(self, image):
+    def _clean_pass(self, image, head):
         """Every node's value on the clean image (``self.clean``) and the model output
-        (``self.output``, ``[1, ...]``): the body in its modules' dtype, the head's inputs cast
-        to the image's dtype."""
+        (``self.output``, ``[1, ...]``): the body (the nodes before index ``head``) in its
+        modules' dtype, the head's inputs cast to the image's dtype."""
         self.clean = {}
-        head = getattr(self, "head", len(self.nodes))
         with torch.no_grad():
             for i, n in enumerate(self.nodes):
                 if n.op == "placeholder":
@@ -280,7 +280,7 @@ class _Engine:
             elif isinstance(m, nn.Linear) and len(n.args) == 1 and not n.kwargs:
                 self.head_weights[n] = _converted(self.cache, m.weight, self.compute_dtype,
                                                   lambda w: w.detach().to(self.compute_dtype))
-        self._clean_pass(image)
+        self._clean_pass(image, self.head)
 
     @staticmethod
     def _cast(v, dtype):

@@ -122,7 +122,16 @@ class _Sweep:
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         handles = [m.register_forward_hook(count) for m in leaves]
         try:
-            output = self.model(self.x)
+            # Channels-last on CPU, where oneDNN's convolutions and pooling are faster on it
+            # (VGG16 1.4x); a model that fails on it (``x.view(n, -1)``) runs channels-first.
+            self.layout = torch.channels_last if self.x.device.type == "cpu" else torch.contiguous_format
+            try:
+                output = self.model(self.x.contiguous(memory_format=self.layout))
+            except RuntimeError:
+                if self.layout == torch.contiguous_format:
+                    raise
+                self.layout, total[0] = torch.contiguous_format, 0
+                output = self.model(self.x)
         finally:
             for h in handles:
                 h.remove()
@@ -143,7 +152,7 @@ class _Sweep:
                 buffer = torch.empty((len(idx), *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
             copies = ops.occlusion_copies(self.x, self.base, idx, pos, self.window, out=buffer[:len(idx)],
                                           backend=self.backend)
-            drops.append(self._drops_of(self.model(copies), idx))
+            drops.append(self._drops_of(self.model(copies.contiguous(memory_format=self.layout)), idx))
         return torch.cat(drops)
 
     def _incremental_drops(self, image_index, positions):
@@ -240,7 +249,9 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
     (reference, cpp, triton; default by device).
 
     mode:
-      - ``"exact"``: full inference on batched occluded copies, many images per chunk.
+      - ``"exact"``: full inference on batched occluded copies, many images per chunk; on
+        CPU the copies are channels-last (oneDNN's faster layout) unless the model fails on
+        such a tensor, then channels-first.
       - ``"incremental"``: the same numbers (max abs difference within 1e-4 of the map's
         range) by incremental inference: only each window's projective field is recomputed
         from the clean activations (``cnnviz_fast.explain._incremental``). A model whose
@@ -258,15 +269,16 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         the coarse map, the rest estimated by the coarse map's mean over the window.
         ``compute_dtype`` (e.g. ``torch.bfloat16``; default None: ``x``'s dtype) runs the body
         of the network (every layer before its head of flatten / linear / global pooling) on
-        converted copies of its modules (the model itself is left as it is) and the head in
-        ``x``'s dtype, its Linear layers applying ``compute_dtype`` weights to the change from
-        the clean input only, so the scores are never rounded to ``compute_dtype``: their
-        rounding (2**-8 of a score in bfloat16) would swamp the small drops. On CPUs with
-        AVX-512 BF16 and on GPUs, about twice the convolution throughput
-        (``bench_occlusion.py``, random weights, whole maps: VGG16 2.0x faster than the
-        float32 incremental map at SSIM 0.985, ResNet-18 1.7x at SSIM 0.993). With ``tau=None`` (windows by full inference) or
-        a model that cannot be traced, the whole model runs in ``compute_dtype``, its scores
-        included: far less accurate.
+        converted copies of its modules and the head in ``x``'s dtype, its Linear layers
+        applying ``compute_dtype`` weights to the change from the clean input only, so the
+        scores are never rounded to ``compute_dtype``: their rounding (2**-8 of a score in
+        bfloat16) would swamp the small drops. The model itself is left as it is; the copies,
+        made once per call, cost the body's parameters and the head's Linear weights again at
+        that precision. On CPUs with AVX-512 BF16 and on GPUs, about twice the convolution
+        throughput (``bench_occlusion.py``, random weights, whole maps: VGG16 2.0x faster than
+        the float32 incremental map at SSIM 0.985, ResNet-18 1.7x at SSIM 0.993). With
+        ``tau=None`` (windows by full inference) or a model that cannot be traced, the whole
+        model runs in ``compute_dtype``, its scores included: far less accurate.
         ``refine_fraction=1`` with ``tau=None`` is exact. These knobs are ignored by the other modes.
 
     Returns ``[B, H, W]``, or ``[B, k, H, W]`` for ``[B, k]`` targets, in the score's dtype on
