@@ -33,3 +33,21 @@ def assert_close(actual, expected, rtol=1.3e-6, atol=1e-6, what="result"):
         raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} differ; first at {idx}: "
                              f"got {a[idx].item():.9g}, expected {e[idx].item():.9g}, "
                              f"max abs err {err.max().item():.3g}")
+
+
+def occluded_outputs(model, image, baseline, positions, window):
+    """The definition: the model on copies of ``image`` with each window set to ``baseline``."""
+    wh, ww = window
+    x = image.repeat(len(positions), 1, 1, 1)
+    for i, (t, l) in enumerate(positions.tolist()):
+        x[i, :, t:t + wh, l:l + ww] = baseline[:, t:t + wh, l:l + ww]
+    with torch.no_grad():
+        return model(x)
+
+
+def k_target_columns(explain, x, targets):
+    """``explain(x, targets)`` for ``[B, k]`` targets, checked to stack one map per target
+    (``[B, k, *x.shape[1:]]``), and ``explain(x, targets[:, j])`` for every column j."""
+    stacked = explain(x, targets)
+    assert stacked.shape == (*targets.shape, *x.shape[1:]), f"stacked shape {tuple(stacked.shape)}"
+    return stacked, [explain(x, targets[:, j]) for j in range(targets.shape[1])]

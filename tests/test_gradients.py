@@ -11,6 +11,7 @@ from torch import nn
 
 from cnnviz_fast import (deconvnet, deeplift, guided_backprop, integrated_gradients, saliency, smoothgrad,
                          to_map)
+from tests.helpers import k_target_columns
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -273,11 +274,9 @@ def test_k_targets_stack_single_targets(name):
     fn = _methods()[name]
     net = tiny_net()
     x = torch.rand(2, 3, 12, 12)
-    targets = torch.tensor([[0, 3, 4], [2, 2, 1]])
-    stacked = fn(net, x, targets)
-    assert stacked.shape == (2, 3, 3, 12, 12)
-    for j in range(3):
-        assert_attr_close(stacked[:, j], fn(net, x, targets[:, j]), rtol=1e-6, what=f"{name} target column {j}")
+    stacked, singles = k_target_columns(lambda x, t: fn(net, x, t), x, torch.tensor([[0, 3, 4], [2, 2, 1]]))
+    for j, single in enumerate(singles):
+        assert_attr_close(stacked[:, j], single, rtol=1e-6, what=f"{name} target column {j}")
     callable_target = fn(net, x, lambda out: out[:, 3] - out[:, 0])
     assert callable_target.shape == x.shape and torch.isfinite(callable_target).all()
 

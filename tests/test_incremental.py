@@ -8,16 +8,7 @@ from torch import nn
 from cnnviz_fast.explain._incremental import UnsupportedModel, incremental_outputs, theoretical_flop_ratio
 from cnnviz_fast.explain.occlusion import _window_positions
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
-
-
-def occluded_outputs(model, image, baseline, positions, window):
-    """The definition: the model on copies of ``image`` with each window set to ``baseline``."""
-    wh, ww = window
-    x = image.repeat(len(positions), 1, 1, 1)
-    for i, (t, l) in enumerate(positions.tolist()):
-        x[i, :, t:t + wh, l:l + ww] = baseline[:, t:t + wh, l:l + ww]
-    with torch.no_grad():
-        return model(x)
+from tests.helpers import occluded_outputs
 
 
 def assert_matches_full(model, image, positions, window, baseline=None, **kw):

@@ -8,7 +8,7 @@ from torch import nn
 from cnnviz_fast import occlusion
 from cnnviz_fast.explain import _incremental
 from cnnviz_fast.explain.occlusion import _window_positions
-from tests.helpers import assert_close
+from tests.helpers import assert_close, occluded_outputs
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 captum_attr = pytest.importorskip("captum.attr", reason="captum is the peer the maps must equal")
@@ -271,10 +271,7 @@ def test_engine_mixed_precision_leaves_the_model_alone():
     assert out.dtype == torch.float32 and engine.output.dtype == torch.float32
     assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == model.state_dict()[k].dtype
                for k, v in before.items())
-    copies = image.expand(3, -1, -1, -1).clone()
-    for c, (t, l) in zip(copies, positions.tolist()):
-        c[:, t:t + 4, l:l + 4] = 0
-    drops = model(image[None]) - model(copies)
+    drops = model(image[None]) - occluded_outputs(model, image, torch.zeros_like(image), positions, (4, 4))
     assert_close(engine.output - out, drops, rtol=0, atol=0.05 * drops.abs().max().item())
 
 
