@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
 from ._checks import check_tensor
 
 
@@ -73,13 +72,6 @@ def save_image(image, path) -> Path:
     """Write ``[3, H, W]`` or ``[H, W]`` in [0, 1] (or a matplotlib Figure) as a PNG, atomically
     (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            to_pil(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        to_pil(image).save(f, format="PNG")
     return path

@@ -10,8 +10,6 @@ from the last hook and caught here), which saves the compute of the later layers
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .._atomic import atomic_write
 from .._checks import check_model_device, check_tensor
 from .._hooks import capture, layer_name, resolve_layer
 from ..ops import channel_topk_update, upsample_normalize
@@ -311,17 +310,8 @@ def _batches(data, batch_size: int, skip: int):
 
 
 def _save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def top_k_patches(model: nn.Module, data, layers, k: int = 9, channels=None, batch_size: int = 64,

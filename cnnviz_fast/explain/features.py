@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import atomic_write
 from .._checks import check_tensor
 from .._hooks import capture, resolve_layer
 
@@ -501,15 +500,8 @@ class FeatureIndex:
             arrays["id_offsets"] = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
         else:
             arrays["ids"] = table
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".fidx.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
         return path
 
     @classmethod

@@ -17,8 +17,6 @@ it a ground-truth model for pointing-game style checks of explanation methods.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import shapes
+from .._atomic import atomic_write
 from ._shapes_cnn import SHAPES_CNN_WEIGHTS, ShapesCNN
 
 TRAIN_SEED = 0
@@ -87,15 +86,8 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _save_atomically(state_dict: dict, out: Path) -> None:
     """torch.save to a temp file next to ``out``, then rename, so readers never see half a file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state_dict, f)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(out) as f:
+        torch.save(state_dict, f)
 
 
 def main(argv: list[str] | None = None) -> float:
