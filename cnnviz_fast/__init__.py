@@ -15,6 +15,8 @@ from .explain.lrp import lrp
 from .explain.occlusion import occlusion
 from .explain.patches import Patches, crop_patches, patch_grid
 from .explain.receptive import ReceptiveField, receptive_field
+from .explain.scouter import (ScouterHead, ScouterModel, has_scouter_head, scouter_explain, scouter_model,
+                              train_scouter)
 from .ops import cam_combine, channel_topk_update, upsample_normalize
 
 __version__ = "0.1.0"
@@ -35,4 +37,6 @@ __all__ = [
     "patch_grid", "Patches",
     # feature space
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
+    # SCOUTER slot-attention classifier
+    "ScouterHead", "ScouterModel", "scouter_model", "train_scouter", "scouter_explain", "has_scouter_head",
 ]
