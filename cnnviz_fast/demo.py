@@ -98,6 +98,7 @@ def run_demo(out, n_images: int = 8, progress: bool = True) -> Path:
         save_image(grid, out / f"{name}.png")
         report.add(name, grid, f"{description} ({seconds * 1e3:.0f} ms for {n_images} images)")
     _add_investigation(model, report, out, progress)
+    _add_scouter(report, out)
     return report.write(out / "report.html")
 
 
@@ -127,3 +128,45 @@ def _add_investigation(model, report: Report, out: Path, progress: bool) -> None
     report.add("embedding_pca", figure,
                f"first two principal components of the {vectors.shape[1]}-d pooled features of "
                f"{len(vectors)} images, coloured by true class ({time.perf_counter() - start:.1f} s)")
+
+
+def _add_scouter(report: Report, out: Path) -> None:
+    """SCOUTER+ and SCOUTER- (Li et al. 2021) side by side on one held-out image per class, and
+    SCOUTER-'s evidence against the confusable class (ring vs circle, star vs cross)."""
+    from .data import SHAPE_CLASSES, shapes
+    from .explain.scouter import scouter_explain
+    from .models import shapes_scouter
+
+    data = shapes(60, seed=1)
+    positive, negative = shapes_scouter(positive=True), shapes_scouter(positive=False)
+
+    def side_by_side(x, why, why_not):  # rows: images, SCOUTER+ maps of `why`, SCOUTER- maps of `why_not`
+        return image_grid(torch.cat([x, overlay(x, scouter_explain(positive, x, why)),
+                                     overlay(x, scouter_explain(negative, x, why_not))]), nrow=len(x))
+
+    start = time.perf_counter()
+    x = data.images[[int((data.labels == c).nonzero()[0]) for c in range(len(SHAPE_CLASSES))]]
+    with torch.no_grad():
+        pred = positive(x).argmax(1)
+        runner_up = negative(x).topk(2, dim=1).indices[:, 1]  # the class SCOUTER- ranks second
+    grid = side_by_side(x, pred, runner_up)
+    save_image(grid, out / "scouter.png")
+    report.add("scouter", grid,
+               "SCOUTER (Li et al. 2021), slot-attention heads on the default model's backbone: one held-out "
+               "image per class (top row); SCOUTER+ attention for the predicted class, why it is that class "
+               f"(middle: {', '.join(SHAPE_CLASSES[i] for i in pred.tolist())}); SCOUTER- attention for the "
+               "runner-up class, why it is not that class (bottom: "
+               f"{', '.join(SHAPE_CLASSES[i] for i in runner_up.tolist())}) "
+               f"({(time.perf_counter() - start) * 1e3:.0f} ms)")
+
+    pairs = [("ring", "circle"), ("star", "cross")]
+    picks = [(data.labels == SHAPE_CLASSES.index(true)).nonzero()[:3, 0] for true, _ in pairs]
+    x = data.images[torch.cat(picks)]
+    truth = torch.cat([torch.full((len(p),), SHAPE_CLASSES.index(t)) for p, (t, _) in zip(picks, pairs)])
+    wrong = torch.cat([torch.full((len(p),), SHAPE_CLASSES.index(w)) for p, (_, w) in zip(picks, pairs)])
+    grid = side_by_side(x, truth, wrong)
+    save_image(grid, out / "scouter_confusable.png")
+    report.add("scouter_confusable", grid,
+               "confusable pairs: rings and stars (top row); SCOUTER+ attention for the true class (middle); "
+               "SCOUTER- attention for the confusable class, circle on the rings and cross on the stars: "
+               "the evidence that it is not that class (bottom)")
