@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -97,6 +99,12 @@ def _save_head(model: ScouterModel, path: Path) -> None:
         torch.save({k: v.contiguous() for k, v in model.head.state_dict().items()}, f)
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    return out.stdout.strip() or "unknown"
+
+
 def _line(name: str, metrics: dict) -> str:
     return name + "  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["sweep"] = sweep
         record = {"command": "python -m cnnviz_fast.models.train_scouter --sweep", "args": {
             k: str(v) for k, v in vars(args).items()}, "held_out": f"shapes({args.n_held_out}, seed={HELD_OUT_SEED})",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **results}
+            "torch": torch.__version__, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg": os.getloadavg(), "seconds": round(time.perf_counter() - start), **results}
         with atomic_write(args.sweep_json, "w") as f:
             json.dump(record, f, indent=1)
     print(f"training time: {time.perf_counter() - start:.0f}s; wrote heads to {args.out_dir}")
