@@ -133,10 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
             sweep.append({"lambda_area": lam, **metrics})
             print(_line(f"SCOUTER+ lambda_area={lam:g}", metrics), flush=True)
         results["sweep"] = sweep
-        record = {"command": "python -m cnnviz_fast.models.train_scouter --sweep", "args": {
-            k: str(v) for k, v in vars(args).items()}, "held_out": f"shapes({args.n_held_out}, seed={HELD_OUT_SEED})",
-            "torch": torch.__version__, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "loadavg": os.getloadavg(), "seconds": round(time.perf_counter() - start), **results}
+        record = {"command": "python -m cnnviz_fast.models.train_scouter --sweep",
+                  "args": {k: str(v) for k, v in vars(args).items()},
+                  "held_out": f"shapes({args.n_held_out}, seed={HELD_OUT_SEED})", "torch": torch.__version__,
+                  "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "loadavg": os.getloadavg(), "seconds": round(time.perf_counter() - start), **results}
         with atomic_write(args.sweep_json, "w") as f:
             json.dump(record, f, indent=1)
     print(f"training time: {time.perf_counter() - start:.0f}s; wrote heads to {args.out_dir}")
