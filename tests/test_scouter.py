@@ -115,6 +115,9 @@ def test_bad_inputs_name_the_argument():
         scouter_explain(model.backbone, torch.rand(2, 3, 8, 8), 0)
     with pytest.raises(ValueError, match="features: expected 8 channels"):
         model.head(torch.rand(1, 5, 4, 4))
+    with pytest.warns(UserWarning, match="model: is in training mode"):
+        scouter_explain(scouter_model(nn.BatchNorm2d(3), ScouterHead(3, 2, hidden_dim=4)).train(),
+                        torch.rand(2, 3, 4, 4), 0)
     with pytest.raises(TypeError, match="head: expected a ScouterHead"):
         scouter_model(model.backbone, nn.Linear(8, 3))
 

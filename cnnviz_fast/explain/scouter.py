@@ -41,6 +41,7 @@ from torch import nn
 from .._checks import check_model_device, check_tensor
 from .._targets import target_indices
 from ..ops import upsample_normalize
+from .cam import _check_inputs
 
 # DETR's sine embedding constants, as the authors' build_position_encoding("sine") sets them.
 _PE_TEMPERATURE = 10000.0
@@ -203,8 +204,7 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     Returns ``[B, H, W]`` for an int / per-sample target, ``[B, k, H, W]`` for ``[B, k]`` and
     ``[B, num_classes, H, W]`` for None, of ``x``'s dtype on ``x``'s device.
     """
-    check_tensor("x", x, ndim=4)
-    check_model_device(model, x)
+    _check_inputs(model, x, None)  # also warns about a model left in training mode
     head = _the_head(model)
     if target is not None:  # checked before the forward pass, so a bad target costs nothing
         idx = target_indices(target, x.shape[0], head.num_classes, x.device)
