@@ -111,6 +111,8 @@ def test_bad_inputs_name_the_argument():
     model = _tiny_model()
     with pytest.raises(ValueError, match="target: class 3 is out of range"):
         scouter_explain(model, torch.rand(2, 3, 8, 8), [0, 3])
+    with pytest.raises(TypeError, match="target: SCOUTER explains classes"):
+        scouter_explain(model, torch.rand(2, 3, 8, 8), lambda out: out[:, 0])
     with pytest.raises(ValueError, match="model: expected exactly one ScouterHead, found 0"):
         scouter_explain(model.backbone, torch.rand(2, 3, 8, 8), 0)
     with pytest.raises(ValueError, match="features: expected 8 channels"):

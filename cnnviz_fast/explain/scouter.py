@@ -196,7 +196,7 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     with ``upsample_normalize``.
 
     model: any module containing one ``ScouterHead`` (e.g. from ``scouter_model``); it runs once
-    on ``x`` and is left as found. x: float ``[B, 3, H, W]``. target: the classes to explain,
+    on ``x`` (the small head once more, on its recorded input) and is left as found. x: float ``[B, 3, H, W]``. target: the classes to explain,
     an int, one int per sample, a ``[B, k]`` tensor, or None for every class. With a SCOUTER+
     head the maps show evidence for each class, with SCOUTER- evidence against it.
     size: ``"input"`` (default), None (the feature map's ``h, w``), an int or a pair.
@@ -206,6 +206,9 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     """
     _check_inputs(model, x, None)  # also warns about a model left in training mode
     head = _the_head(model)
+    if callable(target):
+        raise TypeError("target: SCOUTER explains classes: expected an int, one int per sample or a "
+                        "[B, k] tensor, got a callable")
     if target is not None:  # checked before the forward pass, so a bad target costs nothing
         idx = target_indices(target, x.shape[0], head.num_classes, x.device)
     record = {}
