@@ -182,9 +182,9 @@ def shapes_batch():
 def test_results_do_not_depend_on_the_batch_size(shapes_batch):
     model, x, y, _ = shapes_batch
     a = torch.rand(4, 64, 64)
-    whole = metrics.pixel_flipping(model, x, y, a, features_in_step=256)
-    chunked = metrics.pixel_flipping(model, x, y, a, features_in_step=256, batch_size=5)
-    one = torch.cat([metrics.pixel_flipping(model, x[i:i + 1], y[i:i + 1], a[i:i + 1], features_in_step=256)
+    whole = metrics.pixel_flipping(model, x, y, a, features_in_step=1024)
+    chunked = metrics.pixel_flipping(model, x, y, a, features_in_step=1024, batch_size=3)
+    one = torch.cat([metrics.pixel_flipping(model, x[i:i + 1], y[i:i + 1], a[i:i + 1], features_in_step=1024)
                      for i in range(4)])
     assert_close(chunked, whole, rtol=1e-5, atol=1e-6, what="batch_size=5")
     assert_close(one, whole, rtol=1e-5, atol=1e-6, what="one image at a time")
@@ -192,7 +192,7 @@ def test_results_do_not_depend_on_the_batch_size(shapes_batch):
     copies = x[:1].repeat(4, 1, 1, 1)
     order = torch.argsort(a[0].flatten(), descending=True)
     for s in range(4):
-        copies[s].view(3, -1)[:, order[:256 * (s + 1)]] = 0.0
+        copies[s].view(3, -1)[:, order[:1024 * (s + 1)]] = 0.0
     with torch.no_grad():
         expected = model(copies).softmax(1)[:, y[0]]
     assert_close(whole[0, :4], expected, rtol=1e-5, atol=1e-6, what="definition")
@@ -307,6 +307,9 @@ def test_randomisation_equals_quantus(quantus, shapes_batch):
         model=model, x_batch=_np(x[:2]), y_batch=_np(y[:2]), a_batch=None, explain_func=explain, channel_first=True,
         device="cpu")
     assert_close(ours, torch.tensor(theirs, dtype=torch.float32), rtol=1e-4, atol=1e-5, what="random logit")
+    # MPRT on a small convolutional net: Quantus explains the whole batch once per layer
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                          nn.Flatten(), nn.Linear(64, 5)).eval()
     ours = metrics.model_randomization(model, x[:2], y[:2], method, seed=42)
     theirs = quantus.MPRT(seed=42, similarity_func=quantus.similarity_func.correlation_spearman, abs=False,
                           normalise=False, disable_warnings=True)(

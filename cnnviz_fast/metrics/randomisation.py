@@ -2,7 +2,7 @@
 class does? ``method`` is any cnnviz explainer taking ``(model, x, target)`` or a callable
 ``(model, x, target) -> attributions`` (wrap explainers that need a layer in a lambda).
 Similarities are per image over the flattened attributions: ``"spearman"`` (rank correlation,
-ties by index order) or ``"pearson"``.
+tied values given their average rank, as scipy) or ``"pearson"``.
 """
 from __future__ import annotations
 
@@ -19,10 +19,14 @@ _ORDERS = ("cascading", "independent")
 
 
 def _ranks(a: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(a, dim=1, stable=True)
-    ranks = torch.empty_like(a)
-    ranks.scatter_(1, order, torch.arange(a.shape[1], dtype=a.dtype, device=a.device).expand_as(a))
-    return ranks
+    """Rank of each value in its row, ties given their average rank (as scipy's ``rankdata``)."""
+    values, order = torch.sort(a, dim=1)
+    group = torch.cat([torch.zeros_like(values[:, :1], dtype=torch.long),
+                       (values[:, 1:] != values[:, :-1]).long().cumsum(1)], 1)
+    position = torch.arange(a.shape[1], dtype=a.dtype, device=a.device).expand_as(a)
+    total = torch.zeros_like(a).scatter_add_(1, group, position)
+    count = torch.zeros_like(a).scatter_add_(1, group, torch.ones_like(a))
+    return torch.empty_like(a).scatter_(1, order, (total / count.clamp(min=1)).gather(1, group))
 
 
 def _similarity(name):
