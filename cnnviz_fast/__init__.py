@@ -16,6 +16,7 @@ from .explain.occlusion import occlusion
 from .explain.patches import Patches, crop_patches, patch_grid
 from .explain.receptive import ReceptiveField, receptive_field
 from .ops import cam_combine, channel_topk_update, upsample_normalize
+from . import metrics  # noqa: E402 (explainer benchmarking metrics, used as a module: metrics.deletion)
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,6 @@ __all__ = [
     "patch_grid", "Patches",
     # feature space
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
+    # explainer benchmarking (a module of functions)
+    "metrics",
 ]
