@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_tensor
 from ._engine import (baseline_tensor, blur, check_attributions, check_input, check_int, check_model,
                       descending_ranks, repeat_target, step_scores)
 
@@ -101,8 +102,6 @@ def region_perturbation(model, x, target, attributions, *, patch_size: int = 8, 
 
 
 def _resized_saliency(saliency, x):
-    from .._checks import check_tensor
-
     check_tensor("saliency", saliency, ndim=3)
     if saliency.shape[0] != x.shape[0]:
         raise ValueError(f"saliency: expected {x.shape[0]} maps to match x, got shape {list(saliency.shape)}")
@@ -155,8 +154,6 @@ def insertion(model, x, target, saliency, *, steps: int = 100, softmax: bool = T
 def auc(curves: torch.Tensor, dx: float = 1.0) -> torch.Tensor:
     """Trapezoid area under each curve ``[..., n]`` -> ``[...]`` (Quantus' ``calculate_auc``,
     ``np.trapz(curve, dx=dx)``, which numpy 2.4 removed)."""
-    from .._checks import check_tensor
-
     check_tensor("curves", curves)
     return torch.trapezoid(curves, dx=dx, dim=-1)
 
