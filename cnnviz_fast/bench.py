@@ -104,7 +104,7 @@ def _score(name, model, x, target, heat, masks, explain):
     if name == "random_logit":
         return metrics.random_logit(model, x, target, explain), None
     if name == "mprt_last_layer":
-        return list(metrics.model_randomization(model, x, target, explain).values())[-1], None
+        return list(metrics.model_randomization(model, x, target, explain, last_only=True).values())[0], None
     return getattr(metrics, name)(heat, masks), None
 
 

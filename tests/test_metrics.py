@@ -319,3 +319,5 @@ def test_randomisation_equals_quantus(quantus, shapes_batch):
     assert list(ours) == list(theirs)
     for name in ours:
         assert_close(ours[name], torch.tensor(theirs[name], dtype=torch.float32), rtol=1e-4, atol=1e-5, what=name)
+    last = metrics.model_randomization(model, x[:2], y[:2], method, seed=42, last_only=True)
+    assert list(last) == list(ours)[-1:] and torch.equal(last[list(ours)[-1]], ours[list(ours)[-1]])

@@ -46,7 +46,7 @@ def _explain(method, model, x, target, name="method") -> torch.Tensor:
 
 
 def model_randomization(model, x, target, method, *, order: str = "cascading", similarity: str = "spearman",
-                        seed: int = 0) -> dict:
+                        seed: int = 0, last_only: bool = False) -> dict:
     """Model parameter randomisation test (Adebayo et al. 2018, "Sanity checks for saliency
     maps", MPRT): the similarity between the explanation of the trained model and that of the
     model with its layers re-initialised from the output back.
@@ -56,7 +56,9 @@ def model_randomization(model, x, target, method, *, order: str = "cascading", s
     ``"independent"`` randomises one layer at a time. Each layer is re-initialised by its own
     ``reset_parameters()`` after ``torch.manual_seed(seed + 1)`` (inside ``torch.random.fork_rng``,
     so the caller's RNG is untouched) on a deep copy: ``model`` itself is never changed.
-    Returns ``{layer name: similarity [B]}`` in randomisation order.
+    Returns ``{layer name: similarity [B]}`` in randomisation order; ``last_only`` (cascading
+    only): just the last entry, the fully randomised model, explained once instead of once per
+    layer (Quantus' ``return_last_correlation=True``).
     Equals Quantus 0.6 ``MPRT(layer_order="top_down" | "independent", seed=seed,
     similarity_func=correlation_spearman | correlation_pearson, abs=False, normalise=False)``
     (Quantus' defaults add abs and max-normalisation, which Spearman's correlation ignores up
@@ -66,19 +68,22 @@ def model_randomization(model, x, target, method, *, order: str = "cascading", s
     check_model(model, x)
     if order not in _ORDERS:
         raise ValueError(f"order: expected one of {_ORDERS}, got {order!r}")
+    if last_only and order != "cascading":
+        raise ValueError("last_only: needs order='cascading' (independent randomisations have no last state)")
     sim = _similarity(similarity)
     original = _explain(method, model, x, target)
     randomised = copy.deepcopy(model)
     pristine = copy.deepcopy(model.state_dict())
     layers = [(n, m) for n, m in randomised.named_modules() if hasattr(m, "reset_parameters")][::-1]
     results = {}
-    for name, module in layers:
+    for i, (name, module) in enumerate(layers):
         if order == "independent":
             randomised.load_state_dict(pristine)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(seed + 1)
             module.reset_parameters()
-        results[name] = sim(original, _explain(method, randomised, x, target)).to(x.dtype)
+        if not last_only or i == len(layers) - 1:
+            results[name] = sim(original, _explain(method, randomised, x, target)).to(x.dtype)
     return results
 
 
