@@ -211,6 +211,8 @@ def test_bad_inputs_name_the_argument(shapes_batch):
         metrics.pixel_flipping(model, x, y, a, features_in_step=7)
     with pytest.raises(ValueError, match="baseline: expected .* got 'grey'"):
         metrics.pixel_flipping(model, x, y, a, features_in_step=4096, baseline="grey")
+    with pytest.raises(TypeError, match="target: expected an int or one class per image"):
+        metrics.pixel_flipping(model, x, lambda out: out[:, 0], a, features_in_step=4096)
     with pytest.raises(ValueError, match="masks: expected shape"):
         metrics.pointing_game(a, masks[:, :10])
     with pytest.raises(ValueError, match="saliency"):

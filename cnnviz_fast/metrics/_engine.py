@@ -168,6 +168,8 @@ def step_scores(model, x, target, ranks, steps: range, features_in_step: int, ba
     chunk, layout, probe = chunk_size(model, x, memory_budget, batch_size)
     if probe.dim() != 2:
         raise ValueError(f"model: expected a [B, classes] output, got shape {list(probe.shape)}")
+    if callable(target):
+        raise TypeError("target: expected an int or one class per image; the metrics score classes")
     idx = target_indices(target, B, probe.shape[1], x.device)
     if idx.dim() != 1:
         raise ValueError("target: expected one class per image (an int or [B] ints), got [B, k]")

@@ -101,7 +101,7 @@ def random_logit(model, x, target, method, *, similarity: str = "spearman", seed
     check_input(x)
     check_model(model, x)
     sim = _similarity(similarity)
-    y = repeat_target(target, x.shape[0], 1)
+    y = repeat_target(target, x.shape[0], 1).cpu()
     if num_classes is None:
         with torch.no_grad():
             num_classes = model(x[:1]).shape[1]
