@@ -17,6 +17,8 @@ install-test: build-deps
 	# zennit requires torchvision, which cannot load against the CPU-only torch here;
 	# the tests give zennit a stand-in (tests/_peers.py).
 	$(PIP) install -q --no-deps "zennit>=0.5"
+	# Quantus (the metrics' peer) pulls OpenCV and TensorFlow helpers the tests do not use.
+	$(PIP) install -q --no-deps "quantus==0.6.0"
 
 test: install-test
 	$(PYTHON) -m pytest -q -ra

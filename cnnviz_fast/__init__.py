@@ -18,6 +18,7 @@ from .explain.receptive import ReceptiveField, receptive_field
 from .explain.scouter import (ScouterHead, ScouterModel, has_scouter_head, scouter_explain, scouter_model,
                               train_scouter)
 from .ops import cam_combine, channel_topk_update, upsample_normalize
+from . import metrics  # noqa: E402 (explainer benchmarking metrics, used as a module: metrics.deletion)
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,6 @@ __all__ = [
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
     # SCOUTER slot-attention classifier
     "ScouterHead", "ScouterModel", "scouter_model", "train_scouter", "scouter_explain", "has_scouter_head",
+    # explainer benchmarking (a module of functions)
+    "metrics",
 ]

@@ -12,7 +12,7 @@ from . import _backend
 from ._checks import check_same_device, check_tensor, pair
 from .reference import (cam_combine_ref, channel_topk_update_ref, deeplift_rescale_relu_grad_ref,
                         incremental_gather_ref, occlusion_copies_ref, occlusion_scatter_ref,
-                        upsample_normalize_ref)
+                        perturb_by_rank_ref, upsample_normalize_ref)
 from .reference.topk import nan_error
 
 _MODES = ("bilinear", "nearest")
@@ -325,4 +325,63 @@ def deeplift_rescale_relu_grad(grad: torch.Tensor, x: torch.Tensor, eps: float =
     else:
         from .kernels.deeplift import deeplift_rescale_relu_grad_triton
         deeplift_rescale_relu_grad_triton(grad, x, eps, out)
+    return out
+
+
+def perturb_by_rank(x: torch.Tensor, ranks: torch.Tensor, step_begin: int, step_end: int,
+                    features_in_step: int, baseline: torch.Tensor, channels_last: bool = False,
+                    backend: str | None = None) -> torch.Tensor:
+    """The perturbed copies of a range of pixel-flipping steps for a batch, in one pass.
+
+    x: float ``[B, C, H, W]``; ranks: integer ``[B, H, W]`` (the order in which pixels are
+    removed, all channels of a pixel together) or ``[B, C, H, W]`` (one rank per element);
+    ties are allowed (region perturbation gives a region's pixels one rank). baseline: a
+    tensor broadcastable to x. Step s removes every feature of rank ``< s * features_in_step``
+    (step 0 is the clean image), so steps are cumulative as in Quantus ``PixelFlipping``.
+    Returns ``[B * S, C, H, W]``, S = step_end - step_begin, image-major (copy ``b * S + i``
+    is step ``step_begin + i`` of image b), of x's dtype on x's device; channels-last memory
+    when ``channels_last`` (the layout the model runs fastest in on CPU).
+    """
+    check_tensor("x", x, ndim=4)
+    check_tensor("ranks", ranks, ndim=(3, 4), floating=False)
+    check_tensor("baseline", baseline)
+    check_same_device(x=x, ranks=ranks, baseline=baseline)
+    B, C, H, W = x.shape
+    if tuple(ranks.shape) not in ((B, H, W), (B, C, H, W)):
+        raise ValueError(f"ranks: expected [B, H, W] = {[B, H, W]} or [B, C, H, W] = {[B, C, H, W]}, "
+                         f"got {list(ranks.shape)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step_begin, step_end, features_in_step)):
+        raise TypeError("step_begin, step_end, features_in_step: expected ints")
+    if not 0 <= step_begin <= step_end:
+        raise ValueError(f"step_begin, step_end: expected 0 <= step_begin <= step_end, got {step_begin}, {step_end}")
+    if features_in_step < 1:
+        raise ValueError(f"features_in_step: expected >= 1, got {features_in_step}")
+    try:
+        baseline = baseline.to(x.dtype).expand_as(x)
+    except RuntimeError:
+        raise ValueError(f"baseline: expected a tensor broadcastable to x's shape {tuple(x.shape)}, "
+                         f"got shape {tuple(baseline.shape)}") from None
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    impl = _backend.choose("perturb_by_rank", x, backend)
+    if impl == "reference":
+        return perturb_by_rank_ref(x, ranks, step_begin, step_end, features_in_step,
+                                   baseline).contiguous(memory_format=layout)
+    S = step_end - step_begin
+    out = torch.empty((B * S, C, H, W), dtype=x.dtype, device=x.device, memory_format=layout)
+    if out.numel() == 0:  # an empty range: no kernel launch (Triton refuses an empty grid)
+        return out
+
+    def rows(t):  # [B, E] in the output's element order
+        t = t.permute(0, 2, 3, 1) if channels_last and t.dim() == 4 else t
+        return t.detach().contiguous().view(t.shape[0], -1)
+
+    args = (rows(x), rows(ranks.long()), step_begin, step_end, features_in_step, rows(baseline), C, channels_last)
+    flat = out.permute(0, 2, 3, 1) if channels_last else out
+    flat = flat.view(B * S, -1)  # a view of out's memory in its own order
+    if impl == "cpp":
+        _backend.cpp_module().perturb_by_rank_cpu(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in args),
+                                                 flat.numpy())
+    else:
+        from .kernels.perturb import perturb_by_rank_triton
+        perturb_by_rank_triton(*args, flat)
     return out

@@ -42,3 +42,21 @@ def import_zennit():
             del sys.modules[name]  # drop what the failed import left half-initialised
         _install_torchvision_stand_in()
     return importlib.import_module("zennit")
+
+
+def import_quantus():
+    """The ``quantus`` package, or None when it is not installed (tests then skip).
+
+    Quantus 0.6 imports ``cv2`` at import time for its rotation and translation perturbations
+    only (OpenCV is not installed here, and the metrics we compare with never call it), and
+    zennit through its explainers: an empty ``cv2`` stand-in goes into ``sys.modules`` only
+    when ``import cv2`` fails, and zennit comes from :func:`import_zennit`.
+    """
+    if importlib.util.find_spec("quantus") is None:
+        return None
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        sys.modules["cv2"] = types.ModuleType("cv2")
+    import_zennit()
+    return importlib.import_module("quantus")
