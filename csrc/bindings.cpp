@@ -8,6 +8,7 @@ void bind_topk(py::module_& m);
 void bind_occlusion(py::module_& m);
 void bind_incremental(py::module_& m);
 void bind_deeplift(py::module_& m);
+void bind_gram(py::module_& m);
 }  // namespace cnnviz
 
 PYBIND11_MODULE(_C, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
   cnnviz::bind_occlusion(m);
   cnnviz::bind_incremental(m);
   cnnviz::bind_deeplift(m);
+  cnnviz::bind_gram(m);
 }
