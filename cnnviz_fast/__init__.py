@@ -15,7 +15,9 @@ from .explain.lrp import lrp
 from .explain.occlusion import occlusion
 from .explain.patches import Patches, crop_patches, patch_grid
 from .explain.receptive import ReceptiveField, receptive_field
-from .ops import cam_combine, channel_topk_update, upsample_normalize
+from .ops import cam_combine, channel_topk_update, gram, upsample_normalize
+from .synthesis import (Synthesis, class_visualization, feature_inversion, feature_visualization, filter_grid,
+                        style_transfer, texture_synthesis)
 
 __version__ = "0.1.0"
 
@@ -35,4 +37,7 @@ __all__ = [
     "patch_grid", "Patches",
     # feature space
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
+    # synthesis
+    "Synthesis", "filter_grid", "class_visualization", "feature_visualization", "feature_inversion",
+    "texture_synthesis", "style_transfer", "gram",
 ]

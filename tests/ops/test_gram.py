@@ -14,7 +14,7 @@ SHAPES = [
     (1, 64, 56, 56),    # VGG conv1 at 56 px: long reduction
     (8, 512, 7, 7),     # VGG conv5, batch 8: many blocks, short reduction
 ]
-SEEDED = [(seed, tuple(int(v) for v in torch.randint(1, 40, (4,), generator=torch.Generator().manual_seed(seed))))
+SEEDED = [(seed, tuple(int(v) for v in torch.randint(1, 12, (4,), generator=torch.Generator().manual_seed(seed))))
           for seed in (31, 32)]
 CASES = [pytest.param(s, id="x".join(map(str, s))) for s in SHAPES] + \
         [pytest.param(s, id=f"seed{seed}-" + "x".join(map(str, s))) for seed, s in SEEDED]
@@ -55,14 +55,15 @@ def test_reference_hand_worked():
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_gradcheck_float64(backend):
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: gram(t, backend=backend), (x,))
 
 
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
 @pytest.mark.parametrize("backend", fast_backends())
 def test_gradcheck_float32(backend):
     # the fast backends' float32 path, with float32-sized finite-difference steps
-    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    x = torch.randn(2, 3, 2, 3, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: gram(t, backend=backend) * 60, (x,), eps=1e-2, atol=2e-2, rtol=1e-2)
 
 
