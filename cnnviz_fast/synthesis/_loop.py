@@ -21,7 +21,8 @@ class Synthesis(NamedTuple):
     images: float32 ``[N, 3, H, W]`` in [0, 1] on the model's device, one per objective (or
     per input image). trace: float32 ``[steps, N]``, per step and image the value the method
     reports before that step's update: the objective being maximized (class and feature
-    visualization) or the loss being minimized (inversion, texture, style).
+    visualization) or the loss being minimized (inversion, texture); ``[steps, N, 2]`` for
+    style transfer (content loss, style loss).
     """
 
     images: torch.Tensor

@@ -59,7 +59,7 @@ def texture_synthesis(model: nn.Module, texture: torch.Tensor, layers, *, size=N
 
 
 def style_transfer(model: nn.Module, content: torch.Tensor, style: torch.Tensor, *, content_layer, style_layers,
-                   style_weight: float = 1e3, content_weight: float = 1.0, init: str = "content", steps: int = 200,
+                   style_weight: float = 100.0, content_weight: float = 1.0, init: str = "random", steps: int = 200,
                    lr: float = 0.05, parametrization: str = "pixel", decorrelate: bool = False, preprocess=None,
                    seed: int = 0) -> Synthesis:
     """The content images painted in the style images' Gram statistics (Gatys et al. 2016,
@@ -69,8 +69,8 @@ def style_transfer(model: nn.Module, content: torch.Tensor, style: torch.Tensor,
     model's device. content_layer: one layer with a 4-D output; style_layers: one or a list.
     Loss per image: ``content_weight * mean((F(x') - F(content))^2) + style_weight *
     sum_l ||G_l(x') - G_l(style)||_F^2`` (Gram matrices as :func:`cnnviz_fast.gram`, normalized
-    by ``C * H * W``), minimized with Adam from the content image (``init="content"``) or a
-    random one (``"random"``, the paper's white noise). Returns :class:`Synthesis` whose trace
+    by ``C * H * W``), minimized with Adam from a random image (``init="random"``, as the
+    paper's white noise) or from the content image (``"content"``). Returns :class:`Synthesis` whose trace
     is ``[steps, N, 2]``: per step and image the content loss and the style loss (unweighted).
     """
     check_images("content", content, model)
