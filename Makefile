@@ -17,6 +17,8 @@ install-test: build-deps
 	# zennit requires torchvision, which cannot load against the CPU-only torch here;
 	# the tests give zennit a stand-in (tests/_peers.py).
 	$(PIP) install -q --no-deps "zennit>=0.5"
+	# torch-lucent requires torchvision and kornia too; the tests give it stand-ins (tests/_peers.py).
+	$(PIP) install -q --no-deps "torch-lucent==0.1.8"
 
 test: install-test
 	$(PYTHON) -m pytest -q -ra

@@ -79,10 +79,14 @@ def _install_lucent_stand_ins() -> None:
 
 
 def import_lucent():
-    """``lucent.optvis`` (render, param, objectives), or None when torch-lucent is not
-    installed (tests then skip); torchvision and kornia get stand-ins where they do not load."""
+    """``lucent.optvis`` (render, param, objectives), or None when torch-lucent or one of its
+    imports is missing (tests then skip); torchvision and kornia get stand-ins where they do
+    not load."""
     if importlib.util.find_spec("lucent") is None:
         return None
     _install_lucent_stand_ins()
-    return importlib.import_module("lucent.optvis.render"), importlib.import_module("lucent.optvis.param"), \
-        importlib.import_module("lucent.optvis.objectives")
+    try:
+        return importlib.import_module("lucent.optvis.render"), importlib.import_module("lucent.optvis.param"), \
+            importlib.import_module("lucent.optvis.objectives")
+    except ImportError:  # one of its own imports (decorator, IPython) is missing: skip as absent
+        return None

@@ -153,7 +153,7 @@ def test_style_transfer_lowers_style_loss_and_keeps_content(model, held_out):
 def test_lucent_agreement_first_steps(model, fft, decorrelate):
     peers = import_lucent()
     if peers is None:
-        pytest.skip("torch-lucent is not installed (test extra)")
+        pytest.skip("torch-lucent is not importable (test extra; it also imports decorator and IPython)")
     render, param, objectives = peers
     classes = [0, 3, 5]
     torch.manual_seed(7)
