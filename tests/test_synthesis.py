@@ -207,3 +207,20 @@ def test_bad_input(model, call, error, match):
     with pytest.raises(error, match=match):
         call(model)
     assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+
+
+@pytest.mark.parametrize("parametrization, decorrelate", [("fourier", True), ("fourier", False), ("pixel", True)])
+@pytest.mark.parametrize("size", [(12, 12), (9, 13)])  # odd width: Lucent's extra frequency column
+def test_image_param_starts_from_given_images(parametrization, decorrelate, size):
+    from cnnviz_fast.synthesis._image import ImageParam
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    param = ImageParam(2, size, parametrization, decorrelate, None, torch.device("cpu"), init=images)
+    assert torch.allclose(param(), images.clamp(1e-3, 1 - 1e-3), atol=1e-5)
+
+
+def test_style_transfer_from_content_starts_at_the_content(model, held_out):
+    content = held_out[:1]
+    result = cf.style_transfer(model, content, held_out[1:2], content_layer=LAST, style_layers=FIRST, init="content",
+                               steps=1, parametrization="fourier", decorrelate=True)
+    # at the content image itself, up to the clamp to [1e-3, 1 - 1e-3] (a random image: about 5)
+    assert float(result.trace[0, 0, 0]) < 1e-4

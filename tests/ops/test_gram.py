@@ -60,9 +60,9 @@ def test_gradcheck_float64(backend):
 
 
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", fast_backends()[:1])
 def test_gradcheck_float32(backend):
-    # the fast backends' float32 path, with float32-sized finite-difference steps
+    # the C++ backend runs float32 only: float32-sized finite-difference steps (Triton: float64 above)
     x = torch.randn(2, 3, 2, 3, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: gram(t, backend=backend) * 60, (x,), eps=1e-2, atol=2e-2, rtol=1e-2)
 
