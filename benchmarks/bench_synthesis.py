@@ -11,7 +11,8 @@ Class visualization: Fourier parametrization, decorrelated colour, Adam lr 0.05;
 ``transforms=[]``, ``preprocess=False``, ``fixed_image_size`` = the size, and the torchvision
 and kornia stand-ins of ``tests/_peers.py``) and ``transforms="standard"`` (cnnviz only).
 Models: the embedded default model (6 classes, 64 px) and VGG16 with random weights (16
-classes, 32 px, 2 steps). Single timed runs (a run lasts seconds). Inversion: 4 shapes images at
+classes, 32 px, 2 steps). Default-model rows: median of repeated runs (torch Timer, >= 4 s each); VGG16 rows:
+single runs (a run lasts seconds). Inversion: 4 shapes images at
 64 px on the default model, 2 at 32 px on VGG16, no TV, Adam lr 0.1. The synthesis rows run torch on ``--threads`` (default 1: on a CPU shared by
 more processes than cores, two threads make every small operator wait for a descheduled
 partner); the gram rows use the default threads. Each JSON records ``os.getloadavg()``.
@@ -42,8 +43,9 @@ def lucent_or_none():
         return None
 
 
-def class_rows(table, name, model, classes, size, steps, lucent):
+def class_rows(table, name, model, classes, size, steps, lucent, once):
     case = f"{name} {len(classes)} classes {size}px {steps} steps"
+    timing = dict(once=True) if once else dict(min_run_time=4)
 
     def batched(transforms=None):
         return cf.class_visualization(model, classes, size=size, steps=steps, transforms=transforms)
@@ -54,7 +56,7 @@ def class_rows(table, name, model, classes, size, steps, lucent):
     # correctness once: the batch follows the same per-image objective (logits rise)
     trace = batched().trace
     assert bool((trace[-1] > trace[0]).all()), "class logits did not rise"
-    table.add(case, "one at a time (cnnviz)", one_at_a_time, once=True, transforms="none")
+    table.add(case, "one at a time (cnnviz)", one_at_a_time, **timing, transforms="none")
     if lucent is not None:
         render, param, objectives = lucent
         head = [n for n, _ in model.named_children()][-1]
@@ -64,11 +66,11 @@ def class_rows(table, name, model, classes, size, steps, lucent):
                 render.render_vis(model, objectives.channel(head, c), lambda: param.image(size),
                                   transforms=[], preprocess=False, thresholds=(steps,), show_image=False,
                                   progress=False, fixed_image_size=size)
-        table.add(case, "one at a time (Lucent)", lucent_each, once=True, transforms="none")
-    table.add(case, "batched (cnnviz)", batched, baseline=False, once=True, transforms="none")
+        table.add(case, "one at a time (Lucent)", lucent_each, **timing, transforms="none")
+    table.add(case, "batched (cnnviz)", batched, baseline=False, **timing, transforms="none")
     std_case = case + " standard transforms"
-    table.add(std_case, "one at a time (cnnviz)", lambda: one_at_a_time("standard"), once=True, transforms="standard")
-    table.add(std_case, "batched (cnnviz)", lambda: batched("standard"), once=True, transforms="standard")
+    table.add(std_case, "one at a time (cnnviz)", lambda: one_at_a_time("standard"), **timing, transforms="standard")
+    table.add(std_case, "batched (cnnviz)", lambda: batched("standard"), **timing, transforms="standard")
 
 
 def inversion_table(model, name, x, layers, steps):
@@ -104,10 +106,10 @@ def main():
     lucent = lucent_or_none()
     steps = 8 if args.quick else 16
     table = BenchTable("synthesis", loadavg_start=os.getloadavg(), threads=args.threads)
-    class_rows(table, "shapes_cnn", shapes_cnn(), list(range(6)), 64, steps, lucent)
+    class_rows(table, "shapes_cnn", shapes_cnn(), list(range(6)), 64, steps, lucent, once=False)
     torch.manual_seed(0)
     vgg = vgg16().eval()
-    class_rows(table, "vgg16(random)", vgg, list(range(0, 1000, 63))[:16], 32, 2, lucent)
+    class_rows(table, "vgg16(random)", vgg, list(range(0, 1000, 63))[:16], 32, 2, lucent, once=True)
 
     inv_steps = 40 if args.quick else 100
     images = shapes(4, size=64, seed=5).images
