@@ -162,7 +162,7 @@ def test_lucent_agreement_first_steps(model, fft, decorrelate):
                                transforms=[], preprocess=False, thresholds=(1, 2, 3), show_image=False,
                                progress=False, fixed_image_size=24)
     for steps, theirs in zip((1, 2, 3), images):
-        ours = cf.class_visualization(model, classes, size=24, steps=steps, transforms=None, seed=7,
+        ours = cf.class_visualization(model, classes, size=24, steps=steps, lr=0.05, transforms=None, seed=7,
                                       parametrization="fourier" if fft else "pixel", decorrelate=decorrelate)
         assert torch.allclose(ours.images, torch.from_numpy(theirs).permute(0, 3, 1, 2), atol=1e-5, rtol=0)
 

@@ -28,7 +28,7 @@ def _l2(image, weight):
     return weight * ((image - 0.5) ** 2).flatten(1).sum(1)
 
 
-def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256, lr: float = 0.05,
+def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256, lr: float = 0.1,
                         parametrization: str = "fourier", decorrelate: bool = True, transforms="standard",
                         l2: float = 0.0, blur_every=None, blur_sigma: float = 1.0, preprocess=None,
                         seed: int = 0) -> Synthesis:
@@ -44,7 +44,9 @@ def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256,
     ``param.image(size, fft=True, decorrelate=True)`` and ``transform.standard_transforms``;
     ``"pixel"`` is Lucent's ``fft=False``; ``blur_every=k`` blurs a pixel image every k steps
     (Yosinski et al. 2015; their clipping is implied: the sigmoid keeps pixels in (0, 1)).
-    lr: Adam's learning rate (Lucent's default optimizer, lr 0.05). preprocess: optional
+    lr: Adam's learning rate (Lucent's optimizer is Adam with lr 0.05; at 0.05 the default
+    model's circle class reached p = 0.36 after 256 steps with the standard transforms, at 0.1
+    every class p >= 0.9 by 64 steps, hence the default here). preprocess: optional
     callable applied after the transforms (Lucent's ``preprocess``, e.g. ImageNet
     normalization); Lucent's upsampling of images below 224 px is not done. seed: the random
     initialization and transforms (the same seed as ``torch.manual_seed`` before Lucent's
@@ -71,7 +73,7 @@ def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256,
 
 
 def feature_visualization(model: nn.Module, layer, channels=None, *, position=None, direction=None, size=64,
-                          steps: int = 256, lr: float = 0.05, parametrization: str = "fourier",
+                          steps: int = 256, lr: float = 0.1, parametrization: str = "fourier",
                           decorrelate: bool = True, transforms="standard", l2: float = 0.0, blur_every=None,
                           blur_sigma: float = 1.0, preprocess=None, seed: int = 0) -> Synthesis:
     """Images that maximize features of a conv layer's output ``[N, C, h, w]``.
