@@ -371,6 +371,9 @@ def gram(features: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     ``B * C * H * W``. The C++ backend computes only the upper blocks of the symmetric result.
     """
     check_tensor("features", features, ndim=4)
+    if min(features.shape[1:]) < 1:
+        raise ValueError(f"features: expected C, H, W >= 1 (the normalization divides by C*H*W), got shape "
+                         f"{tuple(features.shape)}")
     impl = _backend.choose("gram", features, backend)
     if impl == "reference":
         return gram_ref(features)

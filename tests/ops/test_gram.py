@@ -72,5 +72,8 @@ def test_bad_input():
         gram(torch.zeros(2, 3, 4))
     with pytest.raises(TypeError, match="features: expected a floating-point"):
         gram(torch.zeros(1, 2, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="features: expected C, H, W >= 1"):
+        gram(torch.zeros(1, 2, 0, 3))
+    assert gram(torch.zeros(0, 2, 3, 3)).shape == (0, 2, 2)
     with pytest.raises(ValueError, match="backend='cpp' takes"):
         gram(torch.zeros(1, 2, 3, 3, dtype=torch.float64), backend="cpp")
