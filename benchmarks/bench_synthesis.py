@@ -5,6 +5,7 @@ feature-inversion error by depth (the README table).
 
     flock /tmp/cnnviz-bench.lock python3 benchmarks/bench_synthesis.py
     python3 benchmarks/bench_synthesis.py --quick     # fewer steps, no VGG16 inversion
+    python3 benchmarks/bench_synthesis.py --gram-only # the gram rows alone
 
 Class visualization: Fourier parametrization, decorrelated colour, Adam lr 0.05; rows
 ``transforms=None`` (so Lucent, whose standard transforms need kornia, runs the same work:
@@ -87,6 +88,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gram-only", action="store_true", help="only the gram rows (about 20 s)")
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
 
@@ -101,6 +103,8 @@ def main():
         table.add("fwd+bwd (8,512,28,28)", backend,
                   lambda b=backend: cf.gram(xg, backend=b).sum().backward(), min_run_time=2)
     table.report(note=f"{default_threads} threads, loadavg {os.getloadavg()}; shared CPU")
+    if args.gram_only:
+        return
 
     torch.set_num_threads(args.threads)
     lucent = lucent_or_none()
