@@ -93,7 +93,9 @@ def main():
     default_threads = torch.get_num_threads()
 
     # gram: C++ against the reference at (8, 512, 28, 28), forward and forward + backward
-    table = BenchTable("gram", loadavg=os.getloadavg())
+    from cnnviz_fast._backend import cpp_module
+    # whether the C++ kernel found the sgemm_ torch loaded (else it runs its plain loop)
+    table = BenchTable("gram", loadavg=os.getloadavg(), cpp_uses_blas=cpp_module().gram_uses_blas())
     x = torch.randn(8, 512, 28, 28)
     torch.testing.assert_close(cf.gram(x, backend="cpp"), gram_ref(x), rtol=1e-4, atol=1e-7)
     xg = x.clone().requires_grad_(True)
