@@ -19,6 +19,8 @@ install-test: build-deps
 	$(PIP) install -q --no-deps "zennit>=0.5"
 	# Quantus (the metrics' peer) pulls OpenCV and TensorFlow helpers the tests do not use.
 	$(PIP) install -q --no-deps "quantus==0.6.0"
+	# torch-lucent requires torchvision and kornia too; the tests give it stand-ins (tests/_peers.py).
+	$(PIP) install -q --no-deps "torch-lucent==0.1.8"
 
 test: install-test
 	$(PYTHON) -m pytest -q -ra

@@ -17,7 +17,9 @@ from .explain.patches import Patches, crop_patches, patch_grid
 from .explain.receptive import ReceptiveField, receptive_field
 from .explain.scouter import (ScouterHead, ScouterModel, has_scouter_head, scouter_explain, scouter_model,
                               train_scouter)
-from .ops import cam_combine, channel_topk_update, upsample_normalize
+from .ops import cam_combine, channel_topk_update, gram, upsample_normalize
+from .synthesis import (Synthesis, class_visualization, feature_inversion, feature_visualization, filter_grid,
+                        style_transfer, texture_synthesis)
 from . import metrics  # noqa: E402 (explainer benchmarking metrics, used as a module: metrics.deletion)
 
 __version__ = "0.1.0"
@@ -42,4 +44,7 @@ __all__ = [
     "ScouterHead", "ScouterModel", "scouter_model", "train_scouter", "scouter_explain", "has_scouter_head",
     # explainer benchmarking (a module of functions)
     "metrics",
+    # synthesis
+    "Synthesis", "filter_grid", "class_visualization", "feature_visualization", "feature_inversion",
+    "texture_synthesis", "style_transfer", "gram",
 ]

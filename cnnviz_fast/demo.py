@@ -99,6 +99,7 @@ def run_demo(out, n_images: int = 8, progress: bool = True) -> Path:
         report.add(name, grid, f"{description} ({seconds * 1e3:.0f} ms for {n_images} images)")
     _add_investigation(model, report, out, progress)
     _add_scouter(report, out)
+    _add_synthesis(model, report, out)
     return report.write(out / "report.html")
 
 
@@ -170,3 +171,35 @@ def _add_scouter(report: Report, out: Path) -> None:
                "confusable pairs: rings and stars (top row); SCOUTER+ attention for the true class (middle); "
                "SCOUTER- attention for the confusable class, circle on the rings and cross on the stars: "
                "the evidence that it is not that class (bottom)")
+def _add_synthesis(model, report: Report, out: Path) -> None:
+    """Synthesis views, kept cheap (few steps): the first layer's filters, one class
+    visualization per class, and one feature inversion per depth of a held-out image."""
+    from . import class_visualization, feature_inversion, filter_grid
+    from .data import shapes
+
+    grid = filter_grid(model)
+    save_image(grid, out / "filters.png")
+    report.add("filter_grid", grid, "the first convolution's 3x3 RGB filters, each min-max normalized")
+
+    start = time.perf_counter()
+    classes = list(range(len(model.class_names)))
+    result = class_visualization(model, classes, size=64, steps=32, lr=0.1, transforms=None)
+    with torch.no_grad():
+        prob = model(result.images).softmax(1).diagonal()
+    grid = image_grid(result.images, nrow=len(classes))
+    save_image(grid, out / "class_visualization.png")
+    names = ", ".join(f"{model.class_names[c]} {p:.2f}" for c, p in zip(classes, prob.tolist()))
+    report.add("class_visualization", grid,
+               f"inputs maximizing each class logit (Fourier parametrization, decorrelated colour, 32 Adam "
+               f"steps, all classes in one batch; {time.perf_counter() - start:.1f} s); the model's "
+               f"probability of the class: {names}")
+
+    start = time.perf_counter()
+    x = shapes(1, seed=3).images
+    layers = ["features.2", "features.8", "features.17"]
+    images = [feature_inversion(model, x, layer, steps=40, lr=0.1).images for layer in layers]
+    grid = image_grid(torch.cat([x, *images]), nrow=len(layers) + 1)
+    save_image(grid, out / "feature_inversion.png")
+    report.add("feature_inversion", grid,
+               f"a held-out image and its reconstructions from {', '.join(layers)} (conv blocks 1, 3 and 6; "
+               f"Mahendran & Vedaldi 2015 with a TV prior, 40 steps; {time.perf_counter() - start:.1f} s)")

@@ -10,7 +10,7 @@ import torch
 
 from . import _backend
 from ._checks import check_same_device, check_tensor, pair
-from .reference import (cam_combine_ref, channel_topk_update_ref, deeplift_rescale_relu_grad_ref,
+from .reference import (cam_combine_ref, channel_topk_update_ref, deeplift_rescale_relu_grad_ref, gram_ref,
                         incremental_gather_ref, occlusion_copies_ref, occlusion_scatter_ref,
                         perturb_by_rank_ref, upsample_normalize_ref)
 from .reference.topk import nan_error
@@ -385,3 +385,53 @@ def perturb_by_rank(x: torch.Tensor, ranks: torch.Tensor, step_begin: int, step_
         from .kernels.perturb import perturb_by_rank_triton
         perturb_by_rank_triton(*args, flat)
     return out
+class _GramFunction(torch.autograd.Function):
+    """gram on the C++ or Triton backend, with the backward on the same backend."""
+
+    @staticmethod
+    def forward(ctx, features, impl):
+        B, C, H, W = features.shape
+        flat = features.detach().contiguous().view(B, C, H * W)
+        scale = 1.0 / (C * H * W)
+        out = torch.empty((B, C, C), dtype=features.dtype, device=features.device)
+        if impl == "cpp":
+            _backend.cpp_module().gram_cpu(flat.numpy(), out.numpy(), scale)
+        else:
+            from .kernels.gram import gram_triton
+            gram_triton(flat, out, scale)
+        ctx.save_for_backward(flat)
+        ctx.impl, ctx.shape, ctx.scale = impl, features.shape, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        out = torch.empty_like(flat)
+        if ctx.impl == "cpp":
+            _backend.cpp_module().gram_backward_cpu(grad.numpy(), flat.numpy(), out.numpy(), ctx.scale)
+        else:
+            from .kernels.gram import gram_backward_triton
+            gram_backward_triton(grad, flat, out, ctx.scale)
+        return out.view(ctx.shape), None
+
+
+def gram(features: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Gram matrices of feature maps, as Gatys et al. (2015, 2016) use them for texture synthesis
+    and style transfer, with their backward (differentiable on every backend).
+
+    features: float ``[B, C, H, W]`` on any device. Returns ``[B, C, C]`` of its dtype on its
+    device: ``G[b, i, j] = sum_p F[b, i, p] F[b, j, p] / (C * H * W)`` over the ``H * W``
+    positions ``p``. Convention: normalized by ``C * H * W`` (the mean over positions, divided
+    again by C), so losses on layers of different widths and sizes are comparable; Gatys et al.
+    put ``1 / (4 N^2 M^2)`` in the loss instead, and the PyTorch tutorial divides by
+    ``B * C * H * W``. The C++ backend computes only the upper blocks of the symmetric result.
+    """
+    check_tensor("features", features, ndim=4)
+    if min(features.shape[1:]) < 1:
+        raise ValueError(f"features: expected C, H, W >= 1 (the normalization divides by C*H*W), got shape "
+                         f"{tuple(features.shape)}")
+    impl = _backend.choose("gram", features, backend)
+    if impl == "reference":
+        return gram_ref(features)
+    return _GramFunction.apply(features, impl)

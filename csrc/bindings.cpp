@@ -9,6 +9,7 @@ void bind_occlusion(py::module_& m);
 void bind_incremental(py::module_& m);
 void bind_deeplift(py::module_& m);
 void bind_perturb(py::module_& m);
+void bind_gram(py::module_& m);
 }  // namespace cnnviz
 
 PYBIND11_MODULE(_C, m) {
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
   cnnviz::bind_incremental(m);
   cnnviz::bind_deeplift(m);
   cnnviz::bind_perturb(m);
+  cnnviz::bind_gram(m);
 }

@@ -60,3 +60,49 @@ def import_quantus():
         sys.modules["cv2"] = types.ModuleType("cv2")
     import_zennit()
     return importlib.import_module("quantus")
+def _install_lucent_stand_ins() -> None:
+    """Lucent's ``optvis.transform`` imports ``torchvision.transforms.Normalize`` and kornia at
+    module level; the agreement tests pass ``transforms=[]`` and ``preprocess=False``, so these
+    are never called. The stand-ins raise if they ever are."""
+    def unused(name):
+        def fail(*_args, **_kwargs):
+            raise NotImplementedError(f"{name} is a test stand-in; Lucent called it unexpectedly")
+        return fail
+
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:  # torchvision cannot load against this torch build
+            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+                del sys.modules[name]
+            _install_torchvision_stand_in()
+    torchvision = sys.modules["torchvision"]
+    if getattr(torchvision, "__cnnviz_stand_in__", False) and "torchvision.transforms" not in sys.modules:
+        transforms = types.ModuleType("torchvision.transforms")
+        transforms.Normalize = unused("torchvision.transforms.Normalize")
+        torchvision.transforms = transforms
+        sys.modules["torchvision.transforms"] = transforms
+    if "kornia" not in sys.modules and importlib.util.find_spec("kornia") is None:
+        kornia = types.ModuleType("kornia")
+        geometry = types.ModuleType("kornia.geometry")
+        transform = types.ModuleType("kornia.geometry.transform")
+        kornia.__version__ = "0.0.0-stand-in"
+        transform.translate = unused("kornia.geometry.transform.translate")
+        kornia.get_rotation_matrix2d = unused("kornia.get_rotation_matrix2d")
+        kornia.warp_affine = unused("kornia.warp_affine")
+        kornia.geometry, geometry.transform = geometry, transform
+        sys.modules.update({"kornia": kornia, "kornia.geometry": geometry, "kornia.geometry.transform": transform})
+
+
+def import_lucent():
+    """``lucent.optvis`` (render, param, objectives), or None when torch-lucent or one of its
+    imports is missing (tests then skip); torchvision and kornia get stand-ins where they do
+    not load."""
+    if importlib.util.find_spec("lucent") is None:
+        return None
+    _install_lucent_stand_ins()
+    try:
+        return importlib.import_module("lucent.optvis.render"), importlib.import_module("lucent.optvis.param"), \
+            importlib.import_module("lucent.optvis.objectives")
+    except ImportError:  # one of its own imports (decorator, IPython) is missing: skip as absent
+        return None

@@ -19,8 +19,9 @@ def test_demo_writes_pngs_and_a_self_contained_report(tmp_path):
     html = (tmp_path / "report.html").read_text()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     heatmaps = [f"{name}.png" for name, _, _ in _methods()]
-    assert pngs == sorted(heatmaps + ["embedding_pca.png", "top_k_patches.png", "scouter.png",
-                                      "scouter_confusable.png"])
+    synthesis = ["filters.png", "class_visualization.png", "feature_inversion.png"]
+    scouter = ["scouter.png", "scouter_confusable.png"]
+    assert pngs == sorted(heatmaps + ["embedding_pca.png", "top_k_patches.png"] + synthesis + scouter)
     assert html.count("data:image/png;base64,") == len(pngs) >= 1
     assert "src='http" not in html and not list(tmp_path.glob("*.tmp"))
 
