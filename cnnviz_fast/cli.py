@@ -55,6 +55,7 @@ def explain(args) -> int:
     import shlex
 
     from .pipeline import ExplainError, explain_dataset
+    from .store import StoreError
     try:
         results = explain_dataset(
             args.data, args.out, args.method, model=args.model, weights=args.weights, target=args.target,
@@ -63,7 +64,7 @@ def explain(args) -> int:
             metrics=[m for m in (args.metrics or "").split(",") if m], metric_steps=args.metric_steps,
             workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
             command=shlex.join(["cnnviz", "explain", *args.argv]))
-    except (ExplainError, ImportError) as err:
+    except (ExplainError, StoreError, ImportError) as err:
         return _fail("explain", err, args.debug)
     except Exception as err:  # the work itself failed: exit 1, still one line unless --debug
         return _fail("explain", RuntimeError(f"{type(err).__name__}: {err}"), args.debug)

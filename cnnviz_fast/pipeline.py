@@ -138,7 +138,7 @@ def load_model(spec: str | None = None, weights=None) -> _Model:
         if not path.is_file():
             raise ExplainError(f"--model: no file {spec}")
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = _Scripted(torch.jit.load(str(path), map_location="cpu"))
         except Exception as err:
             raise ExplainError(f"--model: {spec} is not a TorchScript archive (a state_dict goes to "
                                f"--weights with a factory --model package.module:function): {err}") from err
@@ -155,6 +155,23 @@ def load_model(spec: str | None = None, weights=None) -> _Model:
         module.eval()
     return _Model(module, kind, digest, 256, 224, IMAGENET_MEAN, IMAGENET_STD,
                   tuple(getattr(module, "class_names", ()) or ()))
+
+
+class _Scripted(nn.Module):
+    """A TorchScript module behind a plain one. Methods hook the modules of the model they are
+    given and ScriptModules refuse Python hooks, so the archive is held outside the module tree
+    (no CAM layers can be named in it); ``.to()`` still moves it."""
+
+    def __init__(self, scripted):
+        super().__init__()
+        object.__setattr__(self, "_scripted", scripted)
+
+    def _apply(self, fn, recurse=True):
+        self._scripted._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, x):
+        return self._scripted(x)
 
 
 def _from_factory(spec: str) -> nn.Module:
@@ -507,12 +524,14 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
 
     # Probe: the model, targets and every method on one blank input, before any image is read.
     shape = tuple(items.tensors.shape[1:]) if items.tensors is not None else (3, crop, crop)
-    probe = ((torch.zeros(1, *shape, device=device) - mean_t) / std_t)
+    # two samples, so a program exported with a fixed batch of 1 is caught here
+    probe = ((torch.zeros(min(2, batch_size), *shape, device=device) - mean_t) / std_t)
     try:
         with torch.no_grad():
             logits = net(probe)
     except Exception as err:
-        raise ExplainError(f"--model: the model rejected an input of shape {tuple(probe.shape)}: "
+        hint = " (export it with a dynamic batch dimension)" if loaded.kind == "export" else ""
+        raise ExplainError(f"--model: the model rejected an input of shape {tuple(probe.shape)}{hint}: "
                            f"{type(err).__name__}: {err}") from err
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ExplainError(f"--model: expected [B, classes] outputs, got "
@@ -538,7 +557,7 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
     k = top_k if target == "pred" else 1
     for m in resolved:
         try:
-            _run_method(m, net, probe, torch.zeros(1, k, dtype=torch.long, device=device))
+            _run_method(m, net, probe, torch.zeros(len(probe), k, dtype=torch.long, device=device))
         except Exception as err:
             raise ExplainError(f"--method {m.name}: {type(err).__name__}: {err}") from err
 

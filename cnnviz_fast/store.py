@@ -57,11 +57,16 @@ def write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=1, sort_keys=True, default=str)
 
 
+class StoreError(ValueError):
+    """A store that cannot be written as asked (another configuration's, or not a store)."""
+
+
 class StoreWriter:
     """Writes one store; ``complete_shards`` says where a resumed run starts."""
 
     def __init__(self, root, config: dict, manifest: dict, overwrite: bool = False):
         self.root = Path(root)
+        config = json.loads(json.dumps(config, default=str))  # compared as it reads back (tuples are lists)
         self.hash = config_hash(config)
         existing = self.root / MANIFEST
         if existing.is_file():
@@ -70,13 +75,13 @@ class StoreWriter:
                 if not overwrite:
                     changed = sorted(k for k in set(config) | set(old.get("config", {}))
                                      if config.get(k) != old.get("config", {}).get(k))
-                    raise ValueError(f"--out: {self.root} holds results of a different configuration "
+                    raise StoreError(f"--out: {self.root} holds results of a different configuration "
                                      f"(changed: {', '.join(changed) or 'model'}); pass --overwrite to replace them")
                 self._clear()
         elif overwrite:
             self._clear()
         elif self.root.is_dir() and any(self.root.iterdir()):
-            raise ValueError(f"--out: {self.root} exists and is not a result store; pick an empty folder "
+            raise StoreError(f"--out: {self.root} exists and is not a result store; pick an empty folder "
                              "or pass --overwrite")
         self.root.mkdir(parents=True, exist_ok=True)
         self.removed_temps = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
@@ -103,7 +108,8 @@ class StoreWriter:
         st = _need("safetensors.torch")
         write_json(shard_path(self.root, number).with_suffix(".json"), {"seconds": timings})
         data = st.save({k: v.contiguous() for k, v in maps.items()},
-                       metadata={"records": json.dumps(records), "skipped": json.dumps(skipped)})
+                       # one key: safetensors writes metadata from a hash map, in no fixed order
+                       metadata={"shard": json.dumps({"records": records, "skipped": skipped}, sort_keys=True)})
         with atomic_write(shard_path(self.root, number)) as f:
             f.write(data)
 
@@ -149,7 +155,7 @@ class Results:
 
     @property
     def methods(self) -> list:
-        return list(self.manifest.get("methods", {}))
+        return [entry[0] for entry in self.manifest["config"]["methods"]]
 
     def __len__(self) -> int:
         return self.index.num_rows
@@ -208,7 +214,7 @@ class Results:
     def _shard_meta(self, shard: int) -> dict:
         with self._open(shard) as f:
             meta = f.metadata()
-        return {"records": json.loads(meta["records"]), "skipped": json.loads(meta["skipped"])}
+        return json.loads(meta["shard"])
 
     def _skipped(self) -> list:
         return [entry for s in self.shard_numbers() for entry in self._shard_meta(s)["skipped"]]
@@ -218,8 +224,8 @@ class Results:
         columns = {k: [] for k in ("path", "label", "prediction", "score", "method", "rank", "target",
                                    "target_score", "shard", "offset", "image_offset", "height", "width",
                                    "seconds")}
-        metric_names = sorted({m for s in self.shard_numbers() for r in self._shard_meta(s)["records"]
-                               for m in r.get("metrics", {})})
+        metric_names = sorted({name for s in self.shard_numbers() for r in self._shard_meta(s)["records"]
+                               for per_method in r.get("metrics", {}).values() for name in per_method})
         metric_cols = {m: [] for m in metric_names}
         for shard in self.shard_numbers():
             meta = self._shard_meta(shard)
