@@ -616,6 +616,10 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
     if report:
         from .report import results_report
         results_report(results).write(writer.root / "report.html")
+    for handler in list(logger.handlers):  # the log file is closed with the run
+        logger.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
     return results
 
 
