@@ -564,7 +564,7 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
     k = top_k if target == "pred" else 1
     for m in resolved:
         try:
-            _run_method(m, net, probe, torch.zeros(len(probe), k, dtype=torch.long, device=device))
+            _run_method(m, net, probe[:1], torch.zeros(1, k, dtype=torch.long, device=device))
         except Exception as err:
             raise ExplainError(f"--method {m.name}: {type(err).__name__}: {err}") from err
 
