@@ -604,7 +604,7 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
             shard.skipped.append([_name(items, pos), reason])
             logger.warning("skipped %s: %s", _name(items, pos), reason)
         if x01 is not None:
-            _explain_batch(shard, net, loaded, items, resolved, metric_fns, metric_steps, batch_positions,
+            _explain_batch(shard, net, items, resolved, metric_fns, metric_steps, batch_positions,
                            x01.to(device), mean_t, std_t, target, k, store_dtype, writer.root if overlays else None)
         bar.update(len(batch_positions) + len(bad))
     shard.flush(writer, logger)
@@ -664,18 +664,19 @@ def _thumbnails(x01: torch.Tensor) -> torch.Tensor:
     return (x01.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def _explain_batch(shard, net, loaded, items, methods, metric_fns, metric_steps, positions, x01, mean_t, std_t,
+def _explain_batch(shard, net, items, methods, metric_fns, metric_steps, positions, x01, mean_t, std_t,
                    target, k, store_dtype, overlay_root):
     x = (x01 - mean_t) / std_t
     done = {}
     logits = None
     if target == "pred" and k == 1 and methods[0].spec.one_forward:
-        picker = _Predicted()
+        picker, before = _Predicted(), dict(shard.seconds)
         done[methods[0].name] = _timed(shard, methods[0], net, x, picker)
         if len(picker.outputs) == 1 and picker.outputs[0].shape[0] == len(x):
             logits = picker.outputs[0]
-        else:  # the method split the batch: redo it with fixed targets below
+        else:  # the method split the batch: redo it with fixed targets below, timed again
             done.clear()
+            shard.seconds = before
     if logits is None:
         with torch.no_grad():
             logits = net(x)
