@@ -83,7 +83,7 @@ def _run_child(kind, model, data, n) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # The 2,000 JPEGs on ResNet-50 take over half an hour a side on this shared 2-core
+    # The 2,000 JPEGs on ResNet-50 take 7 to 30 minutes a side on this shared 2-core
     # CPU (1 to 5 images/s); the defaults keep the whole run within about 3 minutes. A GPU run:
     # --resnet-images 2000 --default-images 2000.
     parser.add_argument("--resnet-images", type=int, default=64, help="JPEGs for ResNet-50 (default 64)")
