@@ -18,6 +18,8 @@ from .explain.receptive import ReceptiveField, receptive_field
 from .explain.scouter import (ScouterHead, ScouterModel, has_scouter_head, scouter_explain, scouter_model,
                               train_scouter)
 from .ops import cam_combine, channel_topk_update, gram, upsample_normalize
+from .pipeline import explain_dataset, register_method
+from .store import open_results
 from .synthesis import (Synthesis, class_visualization, feature_inversion, feature_visualization, filter_grid,
                         style_transfer, texture_synthesis)
 from . import metrics  # noqa: E402 (explainer benchmarking metrics, used as a module: metrics.deletion)
@@ -47,4 +49,6 @@ __all__ = [
     # synthesis
     "Synthesis", "filter_grid", "class_visualization", "feature_visualization", "feature_inversion",
     "texture_synthesis", "style_transfer", "gram",
+    # datasets into a result store
+    "explain_dataset", "register_method", "open_results",
 ]

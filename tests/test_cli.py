@@ -22,7 +22,10 @@ def test_demo_writes_pngs_and_a_self_contained_report(tmp_path):
     synthesis = ["filters.png", "class_visualization.png", "feature_inversion.png"]
     scouter = ["scouter.png", "scouter_confusable.png"]
     assert pngs == sorted(heatmaps + ["embedding_pca.png", "top_k_patches.png"] + synthesis + scouter)
-    assert html.count("data:image/png;base64,") == len(pngs) >= 1
+    # the grid: every input and every method's tile for it, plus one figure each for the two
+    # investigation views, the synthesis views and the SCOUTER views
+    assert html.count("data:image/png;base64,") == 3 * (1 + len(heatmaps)) + 2 + len(synthesis) + len(scouter)
+    assert "deconvnet</b>" in html and "checkerboard" in html and "true: " in html and "pred: " in html
     assert "src='http" not in html and not list(tmp_path.glob("*.tmp"))
 
 
