@@ -13,7 +13,7 @@ from ._hooks import capture
 from .models import SHAPES_CNN_CAM_LAYER as CAM_LAYER
 from .ops import upsample_normalize
 from .report import _READING, Column, Report, Row
-from .viz import SIGNED_CMAP, UNSIGNED_CMAP, heat_overlay, image_grid, save_image
+from .viz import SIGNED_CMAP, UNSIGNED_CMAP, heat_overlay, image_grid, overlay, save_image
 
 
 def _activation_map(model, x, target):
