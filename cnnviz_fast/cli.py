@@ -41,13 +41,23 @@ def demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cnnviz", description="cnnviz-fast: CNN visualization and explanation")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends").set_defaults(func=info)
     p = sub.add_parser("demo", help="run every method on the default model and write report.html")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--images", type=int, default=8, help="number of shapes images (default: 8)")
+    p.add_argument("--images", type=_positive_int, default=8, help="number of shapes images (default: 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_model_device, check_same_device, check_tensor
-from .._hooks import frozen_parameters, score_gradients
+from .._checks import check_finite, check_number, check_same_device, check_tensor
+from .._hooks import explanation, frozen_parameters, score_gradients
 from .._targets import target_scores
 from ..ops import deeplift_rescale_relu_grad
 
@@ -36,13 +36,6 @@ __all__ = ["saliency", "to_map", "guided_backprop", "deconvnet", "smoothgrad",
 
 
 # ----------------------------------------------------------------------------- plumbing
-
-def _check_inputs(model, x):
-    check_tensor("x", x, ndim=4)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    check_model_device(model, x)
-
 
 def _repeat_target(target, batch: int, times: int, interleave: bool):
     """``target`` for ``x`` repeated ``times`` along the batch: block-wise (``x.repeat``, the
@@ -99,8 +92,9 @@ def _baseline_tensor(baseline, x):
     """``baseline`` as a tensor of x's shape: a number, a tensor of x's shape, or ``[1, C, H, W]``
     / ``[C, H, W]`` broadcast over the batch (Captum's accepted forms)."""
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, float(check_number("baseline", baseline)))
     check_tensor("baseline", baseline)
+    check_finite("baseline", baseline)
     check_same_device(x=x, baseline=baseline)
     if baseline.dim() == x.dim() - 1:
         baseline = baseline[None]
@@ -108,13 +102,6 @@ def _baseline_tensor(baseline, x):
         raise ValueError(f"baseline: expected a number or a tensor of shape {tuple(x.shape)} "
                          f"(or {(1, *x.shape[1:])}), got shape {tuple(baseline.shape)}")
     return baseline.to(x.dtype).expand_as(x)
-
-
-def _check_count(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
 # Default memory for one chunk of noisy copies / path points on CPU (CUDA: half the free memory).
@@ -132,15 +119,19 @@ def _row_chunks(model, x, rows, batch_size, memory_budget, work):
     autograd saves for the backward, ``saved_tensors_hooks``, weights and buffers not counted,
     times 1.5 for the gradients alive during the backward) is measured on a first one-row pass
     while the caller runs it, and remembered for ``model`` and ``work`` (what a row runs) at
-    this row shape; no pass is spent on measuring."""
+    this row shape; no pass is spent on measuring. No rows (an empty batch) give one empty
+    range, so the caller's pass still runs and shapes its (empty) result."""
+    if rows == 0:
+        yield 0, 0
+        return
     if batch_size is not None:
-        _check_count("batch_size", batch_size, 1)
+        check_number("batch_size", batch_size, 1, integer=True)
         yield from ((start, min(start + batch_size, rows)) for start in range(0, rows, batch_size))
         return
     if memory_budget is None:
         memory_budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else _CPU_MEMORY_BUDGET
-    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget: expected a number of bytes >= 1, got {memory_budget!r}")
+    else:
+        check_number("memory_budget", memory_budget, 1)
     key = (work, tuple(x.shape[1:]), x.dtype, x.device)
     known = _ROW_BYTES.setdefault(model, {})
     first = 0
@@ -168,6 +159,7 @@ def _sum_features(attr, k_axis):
 
 # ----------------------------------------------------------------------------- saliency
 
+@explanation
 def saliency(model: nn.Module, x: torch.Tensor, target, abs: bool = True) -> torch.Tensor:
     """Input gradient of the target score (Simonyan et al. 2014; Captum ``Saliency``):
     ``|d f_t(x) / dx|`` (``abs=False``: the signed gradient).
@@ -175,7 +167,6 @@ def saliency(model: nn.Module, x: torch.Tensor, target, abs: bool = True) -> tor
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W] for [B, k] targets), same
     dtype and device. ``to_map`` reduces it to the per-pixel "gradient magnitude map".
     """
-    _check_inputs(model, x)
     grads, _ = _input_gradients(model, x, target)
     return grads.abs() if abs else grads
 
@@ -232,8 +223,6 @@ class _DeconvReLU(torch.autograd.Function):
 
 
 def _modified_relu_gradients(model, x, target, rule):
-    _check_inputs(model, x)
-
     def make_forward(_name, module):
         return lambda inp: rule.apply(inp, module.inplace)
 
@@ -242,6 +231,7 @@ def _modified_relu_gradients(model, x, target, rule):
     return grads
 
 
+@explanation
 def guided_backprop(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015; Captum ``GuidedBackprop``): the input
     gradient with every ``nn.ReLU`` module's backward replaced by ``relu(grad) * (x > 0)``.
@@ -253,6 +243,7 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     return _modified_relu_gradients(model, x, target, _GuidedReLU)
 
 
+@explanation
 def deconvnet(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """Deconvnet attribution (Zeiler & Fergus 2014; Captum ``Deconvolution``): the input
     gradient with every ``nn.ReLU`` module's backward replaced by ``relu(grad)``.
@@ -264,6 +255,7 @@ def deconvnet(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- SmoothGrad
 
+@explanation
 def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, noise: float = 0.15,
                method=saliency, generator: torch.Generator | None = None,
                batch_size: int | None = None, memory_budget: int | None = None) -> torch.Tensor:
@@ -286,11 +278,11 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
     [B, k, C, H, W]), same dtype and device.
     """
-    _check_inputs(model, x)
-    _check_count("n_samples", n_samples, 1)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise ValueError(f"noise: expected a number >= 0 (stdev as a fraction of each sample's "
-                         f"value range), got {noise!r}")
+    check_number("n_samples", n_samples, 1, integer=True)
+    check_number("noise", noise, 0)  # sigma as a fraction of each sample's value range
+    if not callable(method):
+        raise TypeError(f"method: expected an attribution function (model, x, target) such as "
+                        f"cnnviz_fast.saliency, got {method!r}")
     batch = x.shape[0]
     rows = batch * n_samples
     span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
@@ -328,6 +320,7 @@ def _path_weights(method: str, steps: int):
     raise ValueError(f"method: expected 'riemann_trapezoid' or 'gausslegendre', got {method!r}")
 
 
+@explanation
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, steps: int = 50,
                          method: str = "riemann_trapezoid", batch_size: int | None = None,
                          memory_budget: int | None = None, return_delta: bool = False):
@@ -344,8 +337,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     """
-    _check_inputs(model, x)
-    _check_count("steps", steps, 1)
+    check_number("steps", steps, 1, integer=True)
     base = _baseline_tensor(baseline, x)
     sizes, alphas = _path_weights(method, steps)
     batch = x.shape[0]
@@ -534,6 +526,7 @@ def _deeplift_rules(model, eps):
         yield links
 
 
+@explanation
 def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta: bool = False,
              eps: float = 1e-10):
     """DeepLIFT with the rescale rule (Shrikumar et al. 2017, Ancona et al. 2018; Captum
@@ -557,10 +550,7 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     """
-    _check_inputs(model, x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    eps = float(eps)
+    eps = float(check_number("eps", eps, 0))
     base = _baseline_tensor(baseline, x)
     batch = x.shape[0]
     with _deeplift_rules(model, eps) as links, frozen_parameters(model), torch.enable_grad():
