@@ -40,28 +40,33 @@ def _top_k(model, x, _target):
     return result["features"].values
 
 
-# name -> (call(model, x, target) -> tensor, name of the input in errors, maps are per sample)
+# name -> (call(model, x, target) -> tensor, name of the input in errors)
 METHODS = {
-    "saliency": (cf.saliency, "x", True),
-    "guided_backprop": (cf.guided_backprop, "x", True),
-    "deconvnet": (cf.deconvnet, "x", True),
+    "saliency": (cf.saliency, "x"),
+    "guided_backprop": (cf.guided_backprop, "x"),
+    "deconvnet": (cf.deconvnet, "x"),
     "smoothgrad": (lambda m, x, t: cf.smoothgrad(m, x, t, n_samples=3,
-                                                generator=torch.Generator().manual_seed(0)), "x", True),
-    "integrated_gradients": (lambda m, x, t: cf.integrated_gradients(m, x, t, steps=4), "x", True),
-    "deeplift": (cf.deeplift, "x", True),
-    "lrp": (cf.lrp, "x", True),
-    "cam": (cf.cam, "x", True),
-    "grad_cam": (lambda m, x, t: cf.grad_cam(m, x, t, "features"), "x", True),
-    "grad_cam_pp": (lambda m, x, t: cf.grad_cam_pp(m, x, t, "features.12"), "x", True),
-    "layer_cam": (lambda m, x, t: cf.layer_cam(m, x, t, "features"), "x", True),
-    "score_cam": (lambda m, x, t: cf.score_cam(m, x, t, "features.9"), "x", True),
-    "occlusion": (lambda m, x, t: cf.occlusion(m, x, t, window=16, stride=16), "x", True),
-    "occlusion_incremental": (lambda m, x, t: cf.occlusion(m, x, t, window=16, stride=16, mode="incremental"),
-                              "x", True),
-    "layer_activations": (lambda m, x, _t: cf.layer_activations(m, x, "features"), "x", True),
-    "embed": (lambda m, x, _t: cf.embed(m, x, "avgpool", batch_size=8, progress=False).vectors, "data", True),
-    "top_k_patches": (_top_k, "images", False),
+                                                generator=torch.Generator().manual_seed(0)), "x"),
+    "integrated_gradients": (lambda m, x, t: cf.integrated_gradients(m, x, t, steps=3), "x"),
+    "deeplift": (cf.deeplift, "x"),
+    "lrp": (cf.lrp, "x"),
+    "cam": (cf.cam, "x"),
+    "grad_cam": (lambda m, x, t: cf.grad_cam(m, x, t, "features"), "x"),
+    "grad_cam_pp": (lambda m, x, t: cf.grad_cam_pp(m, x, t, "features.12"), "x"),
+    "layer_cam": (lambda m, x, t: cf.layer_cam(m, x, t, "features"), "x"),
+    "score_cam": (lambda m, x, t: cf.score_cam(m, x, t, "features.2"), "x"),
+    "occlusion": (lambda m, x, t: cf.occlusion(m, x, t, window=32, stride=32), "x"),
+    "occlusion_incremental": (lambda m, x, t: cf.occlusion(m, x, t, window=32, stride=32, mode="incremental"),
+                              "x"),
+    "layer_activations": (lambda m, x, _t: cf.layer_activations(m, x, "features"), "x"),
+    "embed": (lambda m, x, _t: cf.embed(m, x, "avgpool", batch_size=8, progress=False).vectors, "data"),
+    "top_k_patches": (_top_k, "images"),
 }
+# Incremental occlusion builds one engine per image, so batching cannot change its maps, and it
+# equals the exact sweep (tests/test_incremental.py): left out of the two costliest sweeps.
+# top_k_patches ranks the whole dataset, so a batch of 1 and one of 7 give different answers.
+FLOAT64 = [n for n in METHODS if n != "occlusion_incremental"]
+BATCHED = [n for n in FLOAT64 if n != "top_k_patches"]
 
 
 def _run(name, model, x, target=None):
@@ -111,11 +116,11 @@ def test_empty_batch_gives_empty_results(name):
     model, x = _net(), _images()[:2]
     full = _run(name, model, x)
     empty = _run(name, model, x[:0], torch.zeros(0, dtype=torch.long))
-    expected = full.shape if not METHODS[name][2] else (0, *full.shape[1:])
+    expected = full.shape if name == "top_k_patches" else (0, *full.shape[1:])
     assert empty.shape == expected and empty.dtype == full.dtype
 
 
-@pytest.mark.parametrize("name", [n for n, (_, _, per_sample) in METHODS.items() if per_sample])
+@pytest.mark.parametrize("name", BATCHED)
 def test_batch_size_does_not_change_the_maps(name):
     model, x = _net(), _images()
     results = {b: _run(name, model, x[:b]) for b in (1, 7, 32)}
@@ -123,7 +128,7 @@ def test_batch_size_does_not_change_the_maps(name):
     _assert_close(results[32][:7], results[7], f"{name}: batch 32 vs 7")
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", FLOAT64)
 def test_float64_model_and_input(name):
     x = _images()[:3]
     single = _run(name, _net(), x)
