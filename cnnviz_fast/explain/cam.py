@@ -21,6 +21,7 @@ from torch import nn
 
 from .._checks import check_number
 from .._hooks import capture, explanation, frozen_parameters, layer_name, resolve_layer, score_gradients
+from .._progress import progress_bar
 from .._targets import target_indices, target_scores
 from ..ops import cam_combine, upsample_normalize
 
@@ -230,7 +231,7 @@ def _score_cam_chunk(x: torch.Tensor, batch_size) -> int:
 @explanation
 def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int | None = None,
               relu: bool = True, normalize: bool = True, size="input",
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, progress: bool | None = None) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020): each activation map ``A_c`` is bilinearly upsampled to the
     input size and min-max normalized to a mask ``M_c``; the model scores ``x * M_c``; the
     weights are the softmax over channels of the target's masked-input logits,
@@ -246,7 +247,9 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     16x the size of one input image, a bound on a masked input plus its forward's live
     activations); each chunk is one forward pass, and every target class of a ``[B, k]``
     target is scored from it. target: int, ``[B]`` or ``[B, k]`` class indices, or a callable
-    ``output -> [n]`` scores (applied to each chunk's output).
+    ``output -> [n]`` scores (applied to each chunk's output). progress: a tqdm bar of masked
+    inputs on stderr; None (default) shows it on an interactive terminal once the work has
+    taken a few seconds (``cnnviz_fast._progress``).
     """
     module = resolve_layer(model, layer)
     chunk = _score_cam_chunk(x, batch_size)
@@ -257,13 +260,14 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     idx = None if callable(target) else target_indices(target, B, output.shape[1], x.device)
     pairs = acts.reshape(B * K, 1, *acts.shape[2:])
     scores = []
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(progress, "score_cam", B * K, "mask") as bar:
         for start in range(0, B * K, chunk):
             sample = torch.arange(start, min(start + chunk, B * K), device=x.device) // K
             masks = upsample_normalize(pairs[start:start + chunk], tuple(x.shape[-2:]), backend=backend)
             out = model(x[sample] * masks)
             scores.append(target_scores(out, target) if idx is None else
                           out.gather(1, idx[sample].view(len(sample), -1)))
+            bar.update(len(sample))
     k = 1 if idx is None or idx.dim() == 1 else idx.shape[1]
     scores = (torch.cat(scores) if scores else output.new_empty(0)).view(B, K, k).transpose(1, 2)
     weights = F.softmax(scores.float(), dim=-1).to(acts.dtype)

@@ -28,6 +28,7 @@ from torch import nn
 
 from .._checks import check_finite, check_number, check_same_device, check_tensor
 from .._hooks import explanation, frozen_parameters, score_gradients
+from .._progress import progress_bar
 from .._targets import target_scores
 from ..ops import deeplift_rescale_relu_grad
 
@@ -258,7 +259,8 @@ def deconvnet(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 @explanation
 def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, noise: float = 0.15,
                method=saliency, generator: torch.Generator | None = None,
-               batch_size: int | None = None, memory_budget: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, memory_budget: int | None = None,
+               progress: bool | None = None) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017; Captum ``NoiseTunnel(method).attribute(nt_type=
     "smoothgrad")``): the mean of ``method(model, x + eps, target)`` over ``n_samples`` noisy
     copies, ``eps ~ N(0, sigma^2)`` with ``sigma = noise * (max(x_b) - min(x_b))`` per sample
@@ -273,7 +275,9 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     noise is Captum's noise, value for value. ``method`` runs on ``batch_size`` rows at a time
     (``None``: as many as fit ``memory_budget`` bytes, measured on the first row's pass and
     remembered for the model; default
-    budget half the free CUDA memory, or 2 GiB on CPU).
+    budget half the free CUDA memory, or 2 GiB on CPU). progress: a tqdm bar of noisy copies on
+    stderr; None (default) shows it on an interactive terminal once the work has taken a few
+    seconds (``cnnviz_fast._progress``).
 
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
     [B, k, C, H, W]), same dtype and device.
@@ -290,13 +294,15 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     targets = _repeat_target(target, batch, n_samples, interleave=True)
     eps = torch.randn((rows, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
     total = None
-    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, method):
-        sample = torch.arange(start, stop, device=x.device) // n_samples
-        noisy = x[sample] + eps[start:stop] * sigma[start:stop]
-        attr = method(model, noisy, _rows_of(targets, start, stop))
-        if total is None:
-            total = attr.new_zeros((batch, *attr.shape[1:]))
-        total.index_add_(0, sample, attr)
+    with progress_bar(progress, "smoothgrad", rows, "copy") as bar:
+        for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, method):
+            sample = torch.arange(start, stop, device=x.device) // n_samples
+            noisy = x[sample] + eps[start:stop] * sigma[start:stop]
+            attr = method(model, noisy, _rows_of(targets, start, stop))
+            if total is None:
+                total = attr.new_zeros((batch, *attr.shape[1:]))
+            total.index_add_(0, sample, attr)
+            bar.update(stop - start)
     return total / n_samples
 
 
@@ -323,7 +329,8 @@ def _path_weights(method: str, steps: int):
 @explanation
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, steps: int = 50,
                          method: str = "riemann_trapezoid", batch_size: int | None = None,
-                         memory_budget: int | None = None, return_delta: bool = False):
+                         memory_budget: int | None = None, return_delta: bool = False,
+                         progress: bool | None = None):
     """Integrated Gradients (Sundararajan et al. 2017; Captum ``IntegratedGradients``):
     ``(x - x') * sum_i w_i * grad f_t(x' + a_i (x - x'))`` with Captum's step sizes ``w_i`` and
     alphas ``a_i`` for ``method`` (see ``_path_weights``; Captum's own default method is
@@ -333,7 +340,9 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     The ``steps * B`` path points run ``batch_size`` rows per forward/backward pass (Captum's
     ``internal_batch_size``; ``None``: as many as fit ``memory_budget`` bytes, as in
     ``smoothgrad``). ``return_delta=True`` also returns Captum's
-    convergence delta ``sum(attr) - (f_t(x) - f_t(x'))`` per sample ([B] or [B, k]).
+    convergence delta ``sum(attr) - (f_t(x) - f_t(x'))`` per sample ([B] or [B, k]). progress: a
+    tqdm bar of path points on stderr; None (default) shows it on an interactive terminal once
+    the work has taken a few seconds (``cnnviz_fast._progress``).
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     """
@@ -347,15 +356,17 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
     targets = _repeat_target(target, batch, steps, interleave=False)
     total = None
-    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, "gradient"):
-        row = torch.arange(start, stop, device=x.device)
-        step, sample = row // batch, row % batch
-        path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
-        grads, _ = _input_gradients(model, path, _rows_of(targets, start, stop))
-        grads = grads * weight[step].view(-1, *([1] * (grads.dim() - 1)))
-        if total is None:
-            total = grads.new_zeros((batch, *grads.shape[1:]))
-        total.index_add_(0, sample, grads)
+    with progress_bar(progress, "integrated_gradients", rows, "point") as bar:
+        for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, "gradient"):
+            row = torch.arange(start, stop, device=x.device)
+            step, sample = row // batch, row % batch
+            path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
+            grads, _ = _input_gradients(model, path, _rows_of(targets, start, stop))
+            grads = grads * weight[step].view(-1, *([1] * (grads.dim() - 1)))
+            if total is None:
+                total = grads.new_zeros((batch, *grads.shape[1:]))
+            total.index_add_(0, sample, grads)
+            bar.update(stop - start)
     k_axis = total.dim() == 5
     attr = total * (diff[:, None] if k_axis else diff)
     if not return_delta:

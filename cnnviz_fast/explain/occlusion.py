@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_choice, check_finite, check_number, pair
 from .._hooks import explanation
+from .._progress import progress_bar
 from .._targets import target_indices, target_scores
 
 _MODES = ("exact", "incremental", "approximate")
@@ -78,8 +79,9 @@ class _Sweep:
     (image, window) pairs by batched full inference or by incremental inference."""
 
     def __init__(self, model, x, target, window, baseline, batch_size=None, backend=None,
-                 incremental=False, tau=None, memory_budget=None, compute_dtype=None):
+                 incremental=False, tau=None, memory_budget=None, compute_dtype=None, bar=None):
         self.model, self.x, self.target, self.window = model, x, target, window
+        self.bar = bar  # a progress bar counting evaluated windows, or None
         self.base = _expand_baseline(baseline, x)
         self.backend, self.batch_size = backend, batch_size
         # one incremental engine per image, built once (its clean pass gives the clean output)
@@ -156,6 +158,7 @@ class _Sweep:
             copies = ops.occlusion_copies(self.x, self.base, idx, pos, self.window, out=buffer[:len(idx)],
                                           backend=self.backend)
             drops.append(self._drops_of(self.model(copies.contiguous(memory_format=self.layout)), idx))
+            self._advance(len(idx))
         return torch.cat(drops) if drops else self.clean.new_empty((0, self.clean.shape[1]))
 
     def _incremental_drops(self, image_index, positions):
@@ -165,7 +168,12 @@ class _Sweep:
             if len(sel):
                 out = engine.outputs(self.base[b], positions[sel], self.window, batch_size=self.batch_size)
                 drops[sel] = self._drops_of(out, image_index[sel])
+                self._advance(len(sel))
         return drops
+
+    def _advance(self, windows):
+        if self.bar is not None:
+            self.bar.update(windows)
 
     def drops(self, image_index, positions):
         """Score drops ``[n, k]`` of the windows at ``positions [n, 2]`` of images ``image_index [n]``."""
@@ -231,7 +239,8 @@ def _check_stride(name, stride, window, H, W):
 def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, baseline=0.0,
               mode: str = "exact", batch_size: int | None = None, backend: str | None = None, *,
               tau: float | None = 0.5, coarse_stride=None, refine_fraction: float = 0.25,
-              compute_dtype: torch.dtype | None = None, memory_budget: int | None = None) -> torch.Tensor:
+              compute_dtype: torch.dtype | None = None, memory_budget: int | None = None,
+              progress: bool | None = None) -> torch.Tensor:
     """Occlusion map (Zeiler & Fergus 2014): how much the target score drops when a window of
     the image is replaced by a baseline, averaged over the windows covering each pixel.
 
@@ -285,6 +294,9 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         model runs in ``compute_dtype``, its scores included: far less accurate.
         ``refine_fraction=1`` with ``tau=None`` is exact. These knobs are ignored by the other modes.
 
+    progress: a tqdm bar of evaluated windows on stderr; None (default) shows it on an
+    interactive terminal once the sweep has taken a few seconds (``cnnviz_fast._progress``).
+
     Returns ``[B, H, W]``, or ``[B, k, H, W]`` for ``[B, k]`` targets, in the score's dtype on
     ``x``'s device.
     """
@@ -308,10 +320,11 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         tau = compute_dtype = None
     # an empty batch has no image to build an engine from; its (empty) sweep runs exact
     incremental = len(x) > 0 and (mode == "incremental" or (mode == "approximate" and tau is not None))
-    with torch.no_grad():
+    fine = _window_positions(H, W, window, stride).to(x.device)
+    total = None if mode == "approximate" else x.shape[0] * len(fine)  # drill-down: known as it goes
+    with torch.no_grad(), progress_bar(progress, "occlusion", total, "window") as bar:
         sweep = _Sweep(model, x, target, window, baseline, batch_size, backend, incremental, tau, memory_budget,
-                       compute_dtype)
-        fine = _window_positions(H, W, window, stride).to(x.device)
+                       compute_dtype, bar)
         if mode == "approximate":
             coarse = _window_positions(H, W, window, coarse_stride).to(x.device)
             maps = sweep.drill_down(fine, coarse, coarse_stride, refine_fraction)
