@@ -75,3 +75,16 @@ def save_image(image, path) -> Path:
     with atomic_write(path) as f:
         to_pil(image).save(f, format="PNG")
     return path
+
+
+def load_image(path, size=None) -> torch.Tensor:
+    """Read an image file (PNG, JPEG, ...; grayscale and RGBA become RGB) as ``[1, 3, H, W]``
+    float32 in [0, 1], the batch the methods take. size: an int or ``(H, W)``, bilinear resize
+    (aspect not kept); None keeps the file's size."""
+    from PIL import Image
+
+    from ._checks import pair
+    from .data import _to_tensor
+    size = None if size is None else pair("size", size)
+    with Image.open(path) as image:
+        return _to_tensor(image, size)[None]

@@ -197,3 +197,17 @@ def test_progress_bars_show_only_where_asked(model, x, capsys):
     cf.integrated_gradients(model, x[:1], 0, steps=2, progress=True)
     err = capsys.readouterr().err
     assert "occlusion: 100%" in err and "4/4" in err and "integrated_gradients: 100%" in err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB"])
+def test_load_image_gives_the_batch_the_methods_take(tmp_path, model, mode):
+    from PIL import Image
+
+    from cnnviz_fast.viz import load_image, overlay, save_image
+    Image.new(mode, (80, 60), color=200 if mode == "L" else (200,) * len(mode)).save(tmp_path / "in.png")
+    x = load_image(tmp_path / "in.png", size=64)
+    assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.full_like(x, 200 / 255))
+    assert load_image(tmp_path / "in.png").shape == (1, 3, 60, 80)
+    save_image(overlay(x, cf.grad_cam(model, x, None, "features"))[0], tmp_path / "out.png")
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
