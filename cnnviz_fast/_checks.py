@@ -27,12 +27,6 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"tensors must share one device, got {listing}")
 
 
-def check_model_device(model: torch.nn.Module, x: torch.Tensor) -> None:
-    param = next(iter(model.parameters()), None)
-    if param is not None and param.device != x.device:
-        raise ValueError(f"x: is on {x.device} but the model's parameters are on {param.device}")
-
-
 def check_map_size(name: str, maps: torch.Tensor) -> None:
     """Maps ``[..., h, w]`` must have ``h, w >= 1``: a zero-size map has nothing to resize or
     normalize (and would reach a kernel with empty rows)."""

@@ -87,6 +87,7 @@ def explanation(fn=None, *, ndim=4, target: bool = True):
 def resolve_layer(model: nn.Module, layer) -> nn.Module:
     """The submodule ``layer`` names: a dotted name (``"layer4.1.conv2"``) or a module of
     ``model``. An unknown name raises ``ValueError`` listing the closest names."""
+    check_model(model)
     if isinstance(layer, nn.Module):
         if not any(m is layer for m in model.modules()):
             raise ValueError(f"layer: the module {type(layer).__name__} is not part of the model")

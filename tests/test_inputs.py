@@ -116,6 +116,8 @@ def test_bad_targets_get_clear_errors(model, x, target, error):
     (lambda m, x: cf.integrated_gradients(m, x, 0, baseline=torch.full_like(x, math.nan)), (ValueError, r"baseline: has non-finite")),
     (lambda m, x: cf.deeplift(m, x, 0, baseline=math.nan), (ValueError, r"baseline: expected a finite number")),
     (lambda m, x: cf.embed(m, x, "avgpool", progress="yes"), (TypeError, r"progress: expected None")),
+    (lambda m, x: cf.activation_grid(cf.layer_activations(m, x[:1], "features"), channels=[1.5]),
+     (TypeError, r"channels: expected an int")),
 ])
 def test_bad_settings_name_the_argument_and_its_domain(model, x, call, error):
     kind, message = error
@@ -127,7 +129,7 @@ def test_bad_settings_name_the_argument_and_its_domain(model, x, call, error):
     lambda f, x: cf.saliency(f, x, 0), lambda f, x: cf.grad_cam(f, x, 0, "features"),
     lambda f, x: cf.occlusion(f, x, 0), lambda f, x: cf.lrp(f, x, 0),
     lambda f, x: cf.layer_activations(f, x, "features"), lambda f, x: cf.embed(f, x, "features"),
-    lambda f, x: cf.top_k_patches(f, x, "features"),
+    lambda f, x: cf.top_k_patches(f, x, "features"), lambda f, x: cf.receptive_field(f, "features", 64),
 ])
 def test_a_model_that_is_not_a_module_is_a_type_error(x, call):
     with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module, got function"):

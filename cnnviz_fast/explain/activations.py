@@ -117,7 +117,7 @@ class TopKResult(NamedTuple):
 
 
 def _channel_index(name, channels, count, device):
-    idx = torch.as_tensor(channels, dtype=torch.int64, device=device).flatten()
+    idx = torch.tensor(_channel_list(name, channels), dtype=torch.int64, device=device)
     if len(idx) == 0:
         raise ValueError(f"{name}: expected at least one channel index")
     bad = idx[(idx < 0) | (idx >= count)]
@@ -127,11 +127,11 @@ def _channel_index(name, channels, count, device):
 
 
 def _channel_list(name, channels) -> list:
-    """Channel indices as a list of ints >= 0; fractions and bools are refused, not truncated."""
+    """Channel indices as a list of ints; fractions and bools are refused, not truncated."""
     values = channels.flatten().tolist() if isinstance(channels, torch.Tensor) else \
         [channels] if isinstance(channels, numbers.Number) else list(channels)
     for value in values:
-        check_number(name, value, 0, integer=True)
+        check_number(name, value, integer=True)
     return [int(v) for v in values]
 
 

@@ -7,8 +7,8 @@ and a target (an int, one int per sample, a ``[B, k]`` tensor or a callable ``f(
 see ``cnnviz_fast._targets``). Results are ``[B, C, H, W]`` in ``x``'s dtype on ``x``'s device,
 or ``[B, k, C, H, W]`` for ``[B, k]`` targets: the forward pass runs once and the k gradients
 come from one batched vector-Jacobian product (``is_grads_batched``). Parameter gradients are
-never computed (parameters are frozen for the call), no ``.grad`` is filled, and the model is
-left exactly as found: mode, ``requires_grad`` flags, hooks; rules replace the ``forward`` of
+never computed (parameters are frozen for the call), no ``.grad`` is filled, the model runs in
+eval mode (``_hooks.explaining``) and is left exactly as found: mode, ``requires_grad`` flags, hooks; rules replace the ``forward`` of
 nonlinear modules only for the call, also restored when the forward pass raises.
 
 Modified backward rules (guided backprop, deconvnet, DeepLIFT) act on *modules*: a nonlinearity
