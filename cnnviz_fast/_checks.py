@@ -86,7 +86,9 @@ def check_input(model: torch.nn.Module, x, name: str = "x", ndim: int | tuple = 
 
 def check_finite(name: str, t: torch.Tensor, what: str = "values") -> None:
     """Raise ``ValueError`` naming the first NaN or Inf element of ``t``."""
-    bad = ~torch.isfinite(t)
+    if bool(torch.isfinite(t.sum())):  # one reduction: any NaN or Inf makes the sum non-finite
+        return
+    bad = ~torch.isfinite(t)  # or the sum overflowed: look element by element
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}: has non-finite {what} ({int(bad.sum())} NaN or Inf, the first at index "
@@ -101,7 +103,8 @@ def check_number(name: str, value, low=None, high=None, *, low_open: bool = Fals
         return None
     domain = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
               f"{'inf' if high is None else high}{')' if high_open else ']'}")
-    expected = f"{'an int' if integer else 'a finite number'} in {domain}" + (" or None" if none else "")
+    expected = (f"{'an int' if integer else 'a finite number'}{'' if low is None and high is None else ' in ' + domain}"
+                + (" or None" if none else ""))
     real = isinstance(value, numbers.Integral if integer else numbers.Real)
     if isinstance(value, bool) or not real:
         raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._checks import check_input, check_model
-from ._targets import class_names_as_indices, predicted_classes, target_scores
+from ._targets import method_target, predicted_classes, target_scores
 
 _TRAIN_MODE_WARNING = ("model: is in training mode; cnnviz_fast explains it in eval mode (no dropout, "
                        "batch norm with its running statistics, which stay untouched) and restores its "
@@ -75,7 +75,7 @@ def explanation(fn=None, *, ndim=4, target: bool = True):
         check_input(model, x, ndim=ndim)
         with explaining(model, x):
             if target:
-                wanted = class_names_as_indices(model, bound.arguments.get("target"))
+                wanted = method_target(model, bound.arguments.get("target"), x.shape[0], x.device)
                 if wanted is None:
                     with torch.no_grad():
                         wanted = predicted_classes(model(x))

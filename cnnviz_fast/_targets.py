@@ -52,30 +52,45 @@ def predicted_classes(output: torch.Tensor) -> torch.Tensor:
     return output.detach().argmax(1)
 
 
+def _index_tensor(target, batch: int, device) -> torch.Tensor:
+    """Class indices (a sequence, array or tensor) as a long tensor: 0-D, ``[B]`` or ``[B, k]``
+    with ``k >= 1``."""
+    try:
+        idx = torch.as_tensor(target, device=device)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"target: expected {_EXPECTED}; got {type(target).__name__} that is not a "
+                         f"rectangular array of class indices ({err})") from None
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"target: expected integer class indices, got dtype {idx.dtype}")
+    if idx.dim() not in (0, 1, 2) or (idx.dim() and idx.shape[0] != batch):
+        raise ValueError(f"target: expected an int, {batch} ints or a [{batch}, k] tensor, "
+                         f"got shape {tuple(idx.shape)}")
+    if idx.dim() == 2 and idx.shape[1] == 0:
+        raise ValueError(f"target: a [{batch}, 0] target names no class; give at least one per sample")
+    return idx.long()
+
+
+def method_target(model, target, batch: int, device):
+    """A public method's target as the methods use it: class names become indices and
+    sequences of indices checked long tensors; ints, callables and None pass as they are."""
+    target = class_names_as_indices(model, target)
+    if target is None or callable(target) or (isinstance(target, int) and not isinstance(target, bool)):
+        return target
+    return _index_tensor(target, batch, device)
+
+
 def target_indices(target, batch: int, num_outputs: int, device) -> torch.Tensor:
     """Class indices as a long tensor ``[B]`` or ``[B, k]``, range-checked."""
     if isinstance(target, bool) or target is None:
-        raise TypeError(f"target: expected {_EXPECTED}, got {target!r}")
+        raise TypeError(f"target: expected {_EXPECTED}, got {'a bool' if target is not None else 'None'}")
     if isinstance(target, int):
         if not 0 <= target < num_outputs:  # before torch.full, which overflows past int64
             raise ValueError(f"target: class {target} is out of range for a model with {num_outputs} outputs")
         idx = torch.full((batch,), target, dtype=torch.long, device=device)
     else:
-        try:
-            idx = torch.as_tensor(target, device=device)
-        except (ValueError, TypeError, RuntimeError, OverflowError) as err:
-            raise ValueError(f"target: expected {_EXPECTED}; got {type(target).__name__} that is not a "
-                             f"rectangular array of class indices ({err})") from None
-        if idx.is_floating_point() or idx.dtype == torch.bool:
-            raise TypeError(f"target: expected integer class indices, got dtype {idx.dtype}")
-        idx = idx.long()
+        idx = _index_tensor(target, batch, device)
         if idx.dim() == 0:
             idx = idx.expand(batch)
-        if idx.dim() not in (1, 2) or idx.shape[0] != batch:
-            raise ValueError(f"target: expected an int, {batch} ints or a [{batch}, k] tensor, "
-                             f"got shape {tuple(idx.shape)}")
-        if idx.dim() == 2 and idx.shape[1] == 0:
-            raise ValueError(f"target: a [{batch}, 0] target names no class; give at least one per sample")
     if idx.numel() and (idx.min() < 0 or idx.max() >= num_outputs):
         bad = idx[(idx < 0) | (idx >= num_outputs)][0].item()
         raise ValueError(f"target: class {bad} is out of range for a model with {num_outputs} outputs")
