@@ -187,6 +187,8 @@ def occlusion_copies(images: torch.Tensor, baselines: torch.Tensor, image_index:
     elif out.shape != shape or out.dtype != images.dtype or out.device != images.device or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {images.dtype} tensor of shape {shape} on {images.device}")
     impl = _backend.choose("occlusion_copies", images, backend)
+    if out.numel() == 0:  # no window or no pixel: nothing may reach a kernel
+        return out
     if impl == "reference":
         out.copy_(occlusion_copies_ref(images, baselines, image_index, positions, window))
         return out
@@ -225,6 +227,8 @@ def occlusion_scatter(drops: torch.Tensor, image_index: torch.Tensor, positions:
     check_same_device(drops=drops, image_index=image_index, positions=positions, sums=sums, counts=counts)
     window, image_index, positions = _check_windows(image_index, positions, window, N, H, W)
     impl = _backend.choose("occlusion_scatter", sums, backend)
+    if drops.shape[0] == 0 or sums.numel() == 0:  # nothing to scatter: nothing may reach a kernel
+        return sums, counts
     drops = drops.detach().to(sums.dtype).contiguous()
     if impl == "reference":
         new_sums, new_counts = occlusion_scatter_ref(drops, image_index, positions, window, sums, counts)

@@ -25,7 +25,7 @@ def x():
     return shapes(3, seed=1).images
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
 def test_zero_size_maps_never_reach_a_kernel(backend):
     if backend == "cpp" and not cf.backends()["cpp"]["available"]:
         pytest.skip("C++ extension not built")
@@ -213,3 +213,17 @@ def test_load_image_gives_the_batch_the_methods_take(tmp_path, model, mode):
     assert load_image(tmp_path / "in.png").shape == (1, 3, 60, 80)
     save_image(overlay(x, cf.grad_cam(model, x, None, "features"))[0], tmp_path / "out.png")
     assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_empty_occlusion_sweeps_never_reach_a_kernel(backend):
+    if backend == "cpp" and not cf.backends()["cpp"]["available"]:
+        pytest.skip("C++ extension not built")
+    from cnnviz_fast import ops
+    images = torch.rand(2, 3, 8, 8)
+    none = torch.zeros(0, dtype=torch.long)
+    out = ops.occlusion_copies(images, images, none, none.view(0, 2), 4, backend=backend)
+    assert out.shape == (0, 3, 8, 8)
+    sums, counts = torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8)
+    ops.occlusion_scatter(torch.zeros(0), none, none.view(0, 2), 4, sums, counts, backend=backend)
+    assert not sums.any() and not counts.any()
