@@ -18,6 +18,9 @@ from torch import nn
 from ._checks import check_input, check_model
 from ._targets import method_target, predicted_classes, target_scores
 
+# Layers whose training-mode output is random or depends on the batch (and whose running
+# statistics a training-mode pass updates): the switch to eval changes their results.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 _TRAIN_MODE_WARNING = ("model: is in training mode; cnnviz_fast explains it in eval mode (no dropout, "
                        "batch norm with its running statistics, which stay untouched) and restores its "
                        "mode afterwards. Call model.eval() to silence this warning.")
@@ -27,17 +30,18 @@ _TRAIN_MODE_WARNING = ("model: is in training mode; cnnviz_fast explains it in e
 def explaining(model: nn.Module, x: torch.Tensor | None = None, name: str = "x"):
     """The block every public method runs in, so the model is never changed:
 
-    - eval mode: a model with any module in training mode is switched to eval for the block
-      (warned once per process) and every module's own mode is restored afterwards, also on
-      errors. Dropout and batch-norm statistics updates would otherwise make maps random,
-      batch-dependent, and change the model's buffers.
+    - eval mode: the model is switched to eval for the block and every module's own mode is
+      restored afterwards, also on errors. Dropout and batch-norm statistics updates would
+      otherwise make maps random, batch-dependent, and change the model's buffers. Where that
+      matters (a dropout or batch/instance-norm layer in training mode) a warning says so, once
+      per process.
     - the model's own error on its first forward pass of ``x`` (a ``RuntimeError`` raised
       before that pass returned) is re-raised as ``ValueError("x: the model rejected shape
       ...")`` keeping the original message, so a wrong input is named as such.
     """
     check_model(model)
     modes = [(m, m.training) for m in model.modules()]
-    if any(flag for _, flag in modes):
+    if any(flag and isinstance(m, _MODE_DEPENDENT) for m, flag in modes):
         warnings.warn(_TRAIN_MODE_WARNING, UserWarning, stacklevel=1)  # one location: shown once
     state = {"done": False}
 
