@@ -101,10 +101,13 @@ def check_number(name: str, value, low=None, high=None, *, low_open: bool = Fals
     ``None`` allowed when ``none``). Raises naming ``name`` and the domain."""
     if value is None and none:
         return None
-    domain = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
-              f"{'inf' if high is None else high}{')' if high_open else ']'}")
-    expected = (f"{'an int' if integer else 'a finite number'}{'' if low is None and high is None else ' in ' + domain}"
-                + (" or None" if none else ""))
+    if low is not None and high is not None:
+        domain = f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        domain = f" {'>' if low_open else '>='} {low}"
+    else:
+        domain = "" if high is None else f" {'<' if high_open else '<='} {high}"
+    expected = f"{'an int' if integer else 'a finite number'}{domain}" + (" or None" if none else "")
     real = isinstance(value, numbers.Integral if integer else numbers.Real)
     if isinstance(value, bool) or not real:
         raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
