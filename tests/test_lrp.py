@@ -224,6 +224,7 @@ def _assert_unchanged(model, before):
     assert params == before[2]
 
 
+@pytest.mark.filterwarnings("ignore:model. is in training mode")  # the point of this test
 def test_model_left_exactly_as_found_also_on_errors():
     model = _small_vgg_bn().train()  # explained in eval mode, train mode restored
     model[4].weight.requires_grad_(False)

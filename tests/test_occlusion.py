@@ -127,7 +127,8 @@ def test_model_left_as_found(net):
     net.train()
     flags = [p.requires_grad for p in net.parameters()]
     try:
-        occlusion(net, torch.randn(1, 3, 8, 8), 0, window=4, stride=4)
+        with pytest.warns(UserWarning, match="training mode; cnnviz_fast explains it in eval mode"):
+            occlusion(net, torch.randn(1, 3, 8, 8), 0, window=4, stride=4)
         assert net.training
         assert [p.requires_grad for p in net.parameters()] == flags
         assert all(p.grad is None for p in net.parameters())
