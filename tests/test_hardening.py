@@ -45,9 +45,11 @@ METHODS = {
     "saliency": (cf.saliency, "x"),
     "guided_backprop": (cf.guided_backprop, "x"),
     "deconvnet": (cf.deconvnet, "x"),
+    # (seeded: a noisy copy landing on a ReLU or max-pool kink can flip its gradient under
+    # the rounding of another batch shape; with these seeds none does at float32 tolerance)
     "smoothgrad": (lambda m, x, t: cf.smoothgrad(m, x, t, n_samples=3,
                                                 generator=torch.Generator().manual_seed(0)), "x"),
-    "integrated_gradients": (lambda m, x, t: cf.integrated_gradients(m, x, t, steps=3), "x"),
+    "integrated_gradients": (lambda m, x, t: cf.integrated_gradients(m, x, t, steps=2), "x"),
     "deeplift": (cf.deeplift, "x"),
     "lrp": (cf.lrp, "x"),
     "cam": (cf.cam, "x"),
