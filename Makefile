@@ -3,16 +3,31 @@ PIP = $(PYTHON) -m pip
 # The CPU build of torch this machine ships; a bare `pip install torch` pulls GBs of CUDA.
 TORCH = torch==2.13.0
 
+# Stamps (under build/, git-ignored) make a second `make demo` / `make test` skip the pip
+# install and the C++ build while the package metadata and the C++ sources are unchanged.
+STAMPS = build/stamps
+BUILD_INPUTS = setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+# A stamp whose extension has been deleted since is stale.
+ifeq ($(wildcard cnnviz_fast/_C*.so),)
+$(shell rm -f $(STAMPS)/install $(STAMPS)/install-test)
+endif
+
 .PHONY: build-deps install install-test test demo bench clean
 
-build-deps:
+build-deps: $(STAMPS)/build-deps
+install: $(STAMPS)/install
+install-test: $(STAMPS)/install-test
+
+$(STAMPS)/build-deps:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
-	$(PIP) install -q pybind11 cmake setuptools wheel
+	$(PYTHON) -c "import pybind11, cmake, setuptools, wheel" 2>/dev/null || $(PIP) install -q pybind11 cmake setuptools wheel
+	@mkdir -p $(@D) && touch $@
 
-install: build-deps
+$(STAMPS)/install: $(STAMPS)/build-deps $(BUILD_INPUTS)
 	$(PIP) install -q --no-build-isolation -e .
+	@mkdir -p $(@D) && touch $@
 
-install-test: build-deps
+$(STAMPS)/install-test: $(STAMPS)/build-deps $(BUILD_INPUTS)
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	# zennit requires torchvision, which cannot load against the CPU-only torch here;
 	# the tests give zennit a stand-in (tests/_peers.py).
@@ -21,6 +36,7 @@ install-test: build-deps
 	$(PIP) install -q --no-deps "quantus==0.6.0"
 	# torch-lucent requires torchvision and kornia too; the tests give it stand-ins (tests/_peers.py).
 	$(PIP) install -q --no-deps "torch-lucent==0.1.8"
+	@mkdir -p $(@D) && touch $@
 
 test: install-test
 	$(PYTHON) -m pytest -q -ra

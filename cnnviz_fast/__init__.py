@@ -1,8 +1,11 @@
 """cnnviz-fast: compiled-kernel engine for CNN visualization and explanation.
 
 Importing the package never imports triton and never touches CUDA; Triton kernels load
-lazily when a CUDA tensor (or ``TRITON_INTERPRET=1``) calls for them.
+lazily when a CUDA tensor (or ``TRITON_INTERPRET=1``) calls for them. ``cnnviz_fast.models``
+and ``cnnviz_fast.data`` are attributes imported on first use, as ``torchvision.models``.
 """
+import importlib as _importlib
+
 from ._backend import backends
 from ._hooks import resolve_layer
 from .explain.activations import TopKPatches, TopKResult, activation_grid, layer_activations, top_k_patches
@@ -52,3 +55,11 @@ __all__ = [
     # datasets into a result store
     "explain_dataset", "register_method", "open_results",
 ]
+
+_LAZY_SUBMODULES = ("models", "data")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -77,7 +77,9 @@ def choose(op: str, tensor: torch.Tensor, backend: str | None = None,
     requested = backend if backend is not None else os.environ.get("CNNVIZ_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS} or None, got {requested!r}")
+            source = "backend" if backend is not None else "CNNVIZ_BACKEND (environment variable)"
+            raise ValueError(f"{source}: expected one of {BACKENDS}{' or None' if backend is not None else ''}, "
+                             f"got {requested!r}")
         _check_runnable(op, requested, tensor, cpp_dtypes)
         return requested
     if tensor.is_cuda:

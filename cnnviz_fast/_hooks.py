@@ -1,22 +1,97 @@
 """Model plumbing every method uses: layers by name, activation capture, layer gradients.
 
 Hooks are always removed, also when the forward pass raises, and the model is left as found
-(``requires_grad`` flags restored, no ``.grad`` filled).
+(``requires_grad`` flags restored, no ``.grad`` filled). Every public method runs inside
+``explaining``: a model in training mode is explained in eval mode and its modes restored.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
+import inspect
+import warnings
 
 import torch
 from torch import nn
 
-from ._targets import target_scores
+from ._checks import check_input, check_model
+from ._targets import method_target, predicted_classes, target_scores
+
+# Layers whose training-mode output is random or depends on the batch (and whose running
+# statistics a training-mode pass updates): the switch to eval changes their results.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+_TRAIN_MODE_WARNING = ("model: is in training mode; cnnviz_fast explains it in eval mode (no dropout, "
+                       "batch norm with its running statistics, which stay untouched) and restores its "
+                       "mode afterwards. Call model.eval() to silence this warning.")
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module, x: torch.Tensor | None = None, name: str = "x"):
+    """The block every public method runs in, so the model is never changed:
+
+    - eval mode: the model is switched to eval for the block and every module's own mode is
+      restored afterwards, also on errors. Dropout and batch-norm statistics updates would
+      otherwise make maps random, batch-dependent, and change the model's buffers. Where that
+      matters (a dropout or batch/instance-norm layer in training mode) a warning says so, once
+      per process.
+    - the model's own error on its first forward pass of ``x`` (a ``RuntimeError`` raised
+      before that pass returned) is re-raised as ``ValueError("x: the model rejected shape
+      ...")`` keeping the original message, so a wrong input is named as such.
+    """
+    check_model(model)
+    modes = [(m, m.training) for m in model.modules()]
+    if any(flag and isinstance(m, _MODE_DEPENDENT) for m, flag in modes):
+        warnings.warn(_TRAIN_MODE_WARNING, UserWarning, stacklevel=1)  # one location: shown once
+    state = {"done": False}
+
+    def finished(_module, _inputs, _output):
+        state["done"] = True
+
+    handle = model.register_forward_hook(finished) if x is not None else None
+    try:
+        model.eval()
+        yield
+    except RuntimeError as err:
+        if x is None or state["done"] or isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ValueError(f"{name}: the model rejected shape {tuple(x.shape)} ({x.dtype}): {err}") from err
+    finally:
+        if handle is not None:
+            handle.remove()
+        for m, flag in modes:
+            m.training = flag
+
+
+def explanation(fn=None, *, ndim=4, target: bool = True):
+    """Decorator of the public methods ``fn(model, x, target, ...)`` (``target=False``:
+    ``fn(model, x, ...)``): checks ``x`` against the model (``_checks.check_input``), runs
+    ``fn`` inside ``explaining``, and turns class names and ``None`` (the predicted class, from
+    one forward pass of ``x``) into class indices."""
+    if fn is None:
+        return functools.partial(explanation, ndim=ndim, target=target)
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        model, x = bound.arguments["model"], bound.arguments["x"]
+        check_input(model, x, ndim=ndim)
+        with explaining(model, x):
+            if target:
+                wanted = method_target(model, bound.arguments.get("target"), x.shape[0], x.device)
+                if wanted is None:
+                    with torch.no_grad():
+                        wanted = predicted_classes(model(x))
+                bound.arguments["target"] = wanted
+            return fn(*bound.args, **bound.kwargs)
+    return wrapper
 
 
 def resolve_layer(model: nn.Module, layer) -> nn.Module:
     """The submodule ``layer`` names: a dotted name (``"layer4.1.conv2"``) or a module of
     ``model``. An unknown name raises ``ValueError`` listing the closest names."""
+    check_model(model)
     if isinstance(layer, nn.Module):
         if not any(m is layer for m in model.modules()):
             raise ValueError(f"layer: the module {type(layer).__name__} is not part of the model")

@@ -140,6 +140,14 @@ def _explain_parser(sub) -> None:
     s.add_argument("dir", help="result store folder")
     s.add_argument("--debug", action="store_true", help="tracebacks on errors")
     s.set_defaults(func=show)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, devices and backends").set_defaults(func=info)
     p = sub.add_parser("demo", help="run every method on the default model and write report.html")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--images", type=int, default=8, help="number of shapes images (default: 8)")
+    p.add_argument("--images", type=_positive_int, default=8, help="number of shapes images (default: 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
     p = sub.add_parser("bench", help="every explainer x every metric; JSON, CSV, Markdown and HTML",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_same_device, check_tensor, pair
+from ._checks import check_map_size, check_same_device, check_tensor, pair
 from .reference import (cam_combine_ref, channel_topk_update_ref, deeplift_rescale_relu_grad_ref, gram_ref,
                         incremental_gather_ref, occlusion_copies_ref, occlusion_scatter_ref,
                         perturb_by_rank_ref, upsample_normalize_ref)
@@ -32,8 +32,11 @@ def upsample_normalize(maps: torch.Tensor, size=None, mode: str = "bilinear",
     check_tensor("maps", maps, ndim=4)
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    check_map_size("maps", maps)
     out_size = tuple(maps.shape[-2:]) if size is None else pair("size", size)
     impl = _backend.choose("upsample_normalize", maps, backend)
+    if maps.shape[0] * maps.shape[1] == 0:  # no map: nothing may reach a kernel
+        return maps.new_empty((*maps.shape[:2], *out_size))
     if impl == "reference":
         return upsample_normalize_ref(maps, out_size, mode, normalize)
     B, k, h, w = maps.shape
@@ -75,9 +78,14 @@ def cam_combine(activations: torch.Tensor, weights: torch.Tensor, size=None, rel
         form = "[B, K] or [B, k, K]" if channel else "[B, K, h, w] or [B, k, K, h, w]"
         raise ValueError(f"weights: expected {form} with B, K, h, w = {B}, {K}, {h}, {w} from "
                          f"activations, got shape {tuple(weights.shape)}")
+    check_map_size("activations", activations)
+    if K == 0:
+        raise ValueError(f"activations: has no channels (shape {tuple(activations.shape)})")
     out_size = (h, w) if size is None else pair("size", size)
     weights = weights.to(activations.dtype)
     impl = _backend.choose("cam_combine", activations, backend)
+    if B == 0 or (has_k and weights.shape[1] == 0):  # no map: nothing may reach a kernel
+        return activations.new_empty((B, *weights.shape[1:2 if has_k else 1], *out_size))
     if impl == "reference":
         return cam_combine_ref(activations, weights, out_size, relu, normalize)
     acts = activations.detach().contiguous()
@@ -179,6 +187,8 @@ def occlusion_copies(images: torch.Tensor, baselines: torch.Tensor, image_index:
     elif out.shape != shape or out.dtype != images.dtype or out.device != images.device or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {images.dtype} tensor of shape {shape} on {images.device}")
     impl = _backend.choose("occlusion_copies", images, backend)
+    if out.numel() == 0:  # no window or no pixel: nothing may reach a kernel
+        return out
     if impl == "reference":
         out.copy_(occlusion_copies_ref(images, baselines, image_index, positions, window))
         return out
@@ -217,6 +227,8 @@ def occlusion_scatter(drops: torch.Tensor, image_index: torch.Tensor, positions:
     check_same_device(drops=drops, image_index=image_index, positions=positions, sums=sums, counts=counts)
     window, image_index, positions = _check_windows(image_index, positions, window, N, H, W)
     impl = _backend.choose("occlusion_scatter", sums, backend)
+    if drops.shape[0] == 0 or sums.numel() == 0:  # nothing to scatter: nothing may reach a kernel
+        return sums, counts
     drops = drops.detach().to(sums.dtype).contiguous()
     if impl == "reference":
         new_sums, new_counts = occlusion_scatter_ref(drops, image_index, positions, window, sums, counts)

@@ -134,3 +134,16 @@ def colormap_stops(cmap: str, n: int = 9) -> list:
         raise ValueError(f"cmap: unknown matplotlib colormap {cmap!r}")
     rgb = (colormaps[cmap](np.linspace(0, 1, n))[:, :3] * 255).round().astype(int)
     return [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb]
+
+
+def load_image(path, size=None) -> torch.Tensor:
+    """Read an image file (PNG, JPEG, ...; grayscale and RGBA become RGB) as ``[1, 3, H, W]``
+    float32 in [0, 1], the batch the methods take. size: an int or ``(H, W)``, bilinear resize
+    (aspect not kept); None keeps the file's size."""
+    from PIL import Image
+
+    from ._checks import pair
+    from .data import _to_tensor
+    size = None if size is None else pair("size", size)
+    with Image.open(path) as image:
+        return _to_tensor(image, size)[None]

@@ -166,7 +166,7 @@ def test_image_folder_dataset(net, tmp_path):
 
 def test_map_style_dataset_and_progress_bar(net, images, capsys):
     dataset = torch.utils.data.TensorDataset(images[:9])  # items are 1-tuples; ids are indices
-    got = cf.top_k_patches(net, dataset, "4", k=3, batch_size=4)["4"]
+    got = cf.top_k_patches(net, dataset, "4", k=3, batch_size=4, progress=True)["4"]  # default: terminals only
     expected = cf.top_k_patches(net, images[:9], "4", k=3, progress=False)["4"]
     assert torch.equal(got.ids, expected.ids) and torch.equal(got.values, expected.values)
     bar = capsys.readouterr().err
@@ -175,7 +175,7 @@ def test_map_style_dataset_and_progress_bar(net, images, capsys):
 
 def test_train_mode_batchnorm_warns_and_mode_is_kept(images):
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2))
-    with pytest.warns(UserWarning, match="BatchNorm or Dropout in train mode"):
+    with pytest.warns(UserWarning, match="training mode; cnnviz_fast explains it in eval mode"):
         cf.TopKPatches(model, "1").update(images[:2])
     assert model.training and model[1].training
     with warnings.catch_warnings():

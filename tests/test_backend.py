@@ -37,7 +37,7 @@ def test_environment_variable_chooses(monkeypatch):
     assert _backend.choose("op", t) == "reference"
     assert _backend.choose("op", t, backend="cpp") == "cpp"  # the argument wins
     monkeypatch.setenv("CNNVIZ_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend: expected one of"):
+    with pytest.raises(ValueError, match=r"CNNVIZ_BACKEND \(environment variable\): expected one of"):
         _backend.choose("op", t)
 
 

@@ -331,5 +331,5 @@ def test_default_model_pointing_game(default_model, method):
 
 def test_training_mode_with_dropout_warns():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    with pytest.warns(UserWarning, match="training mode with dropout"):
+    with pytest.warns(UserWarning, match="training mode; cnnviz_fast explains it in eval mode"):
         cf.grad_cam(model.train(), torch.rand(1, 3, 8, 8), 0, "0")

@@ -34,7 +34,11 @@ def test_console_script_entry_point():
     assert out.returncode == 0 and "demo" in out.stdout and "info" in out.stdout
 
 
-def test_demo_rejects_bad_count(tmp_path):
+def test_demo_rejects_bad_count_as_a_usage_error(tmp_path, capsys):
     import pytest
-    with pytest.raises(ValueError, match="n_images: expected >= 1"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--out", str(tmp_path), "--images", "0", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: cnnviz demo") and "--images: expected a whole number >= 1, got 0" in err
+    assert "Traceback" not in err

@@ -381,11 +381,11 @@ def test_bad_input_is_named():
             fn(net, x, 0, baseline=torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="n_samples: expected an int >= 1"):
         smoothgrad(net, x, 0, n_samples=0)
-    with pytest.raises(ValueError, match="noise: expected a number >= 0"):
+    with pytest.raises(ValueError, match="noise: expected a finite number >= 0"):
         smoothgrad(net, x, 0, noise=-0.1)
     with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
         smoothgrad(net, x, 0, batch_size=0)
-    with pytest.raises(ValueError, match="memory_budget: expected a number of bytes >= 1"):
+    with pytest.raises(ValueError, match="memory_budget: expected a finite number >= 1"):
         integrated_gradients(net, x, 0, memory_budget=0)
     with pytest.raises(ValueError, match="reduce: expected 'max_abs', 'sum' or 'l2', got 'mean'"):
         to_map(torch.zeros(1, 3, 2, 2), reduce="mean")

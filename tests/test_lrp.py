@@ -224,6 +224,7 @@ def _assert_unchanged(model, before):
     assert params == before[2]
 
 
+@pytest.mark.filterwarnings("ignore:model. is in training mode")  # the point of this test
 def test_model_left_exactly_as_found_also_on_errors():
     model = _small_vgg_bn().train()  # explained in eval mode, train mode restored
     model[4].weight.requires_grad_(False)
@@ -235,8 +236,9 @@ def test_model_left_exactly_as_found_also_on_errors():
     with pytest.raises(ValueError, match="target"):
         lrp(model, x, 7)  # raises after the forward pass, with the rules in place
     _assert_unchanged(model, before)
-    with pytest.raises(RuntimeError):
-        lrp(model, torch.randn(2, 4, 8, 8), 1)  # raises inside the first layer's forward
+    with pytest.raises(ValueError, match=r"x: the model rejected shape \(2, 3, 1, 1\)") as info:
+        lrp(model, torch.randn(2, 3, 1, 1), 1)  # raises inside the model's forward (pooling a 1x1 map)
+    assert isinstance(info.value.__cause__, RuntimeError)
     _assert_unchanged(model, before)
     torch.testing.assert_close(lrp(model, x, 1), relevance, rtol=0, atol=0)
 

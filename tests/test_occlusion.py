@@ -127,7 +127,8 @@ def test_model_left_as_found(net):
     net.train()
     flags = [p.requires_grad for p in net.parameters()]
     try:
-        occlusion(net, torch.randn(1, 3, 8, 8), 0, window=4, stride=4)
+        with pytest.warns(UserWarning, match="training mode; cnnviz_fast explains it in eval mode"):
+            occlusion(net, torch.randn(1, 3, 8, 8), 0, window=4, stride=4)
         assert net.training
         assert [p.requires_grad for p in net.parameters()] == flags
         assert all(p.grad is None for p in net.parameters())
@@ -344,10 +345,10 @@ def test_unsupported_layer_runs_full_maps_with_warning(net):
     (dict(baseline=torch.zeros(4)), "baseline: expected a scalar"),
     (dict(baseline="grey"), "baseline: expected a number"),
     (dict(mode="fast"), "mode: expected one of"),
-    (dict(batch_size=0), "batch_size: expected a positive int"),
+    (dict(batch_size=0), "batch_size: expected an int >= 1 or None"),
     (dict(target=7), "target: class 7 is out of range"),
     (dict(target=[1, 2, 3]), "target: expected an int, 2 ints"),
-    (dict(mode="approximate", tau=0.0), r"tau: expected a fraction in \(0, 1\]"),
+    (dict(mode="approximate", tau=0.0), r"tau: expected a finite number in \(0, 1\] or None"),
     (dict(mode="approximate", refine_fraction=1.5), "refine_fraction: expected"),
     (dict(mode="approximate", window=4, stride=2, coarse_stride=8), "coarse_stride: .* exceeds"),
     (dict(mode="approximate", compute_dtype=torch.int8), "compute_dtype: expected None or a floating"),

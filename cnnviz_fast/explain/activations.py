@@ -10,23 +10,24 @@ from the last hook and caught here), which saves the compute of the later layers
 from __future__ import annotations
 
 import hashlib
-import warnings
+import numbers
+import pickle
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .._atomic import atomic_write
-from .._checks import check_model_device, check_tensor
-from .._hooks import capture, layer_name, resolve_layer
+from .._atomic import atomic_write, remove_stale_temps
+from .._checks import check_input, check_model, check_number, check_tensor
+from .._hooks import capture, explaining, explanation, layer_name, resolve_layer
+from .._progress import progress_bar
 from ..ops import channel_topk_update, upsample_normalize
 from ..reference.topk import empty_topk
 from ..viz import colorize, image_grid
 
 _STATE_FORMAT = "cnnviz_fast.TopKPatches/1"
-# Layers whose train-mode output depends on the rest of the batch, or on chance.
-_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 class _StopForward(Exception):
@@ -64,15 +65,15 @@ def _forward_until(model: nn.Module, x: torch.Tensor, layers: dict) -> None:
         raise ValueError(f"layer: {missing} never ran in the forward pass")
 
 
+@explanation(target=False)
 def layer_activations(model: nn.Module, x: torch.Tensor, layer) -> torch.Tensor:
     """The output of ``layer`` (module or dotted name) for images ``x [B, 3, H, W]``.
 
     One forward pass without grad, stopped after the layer. Returns the layer's output as it
     is (``[B, C, h, w]`` for a convolutional layer), detached, on ``x``'s device. The value
-    is the layer's true output even when a later in-place ReLU overwrites it.
+    is the layer's true output even when a later in-place ReLU overwrites it. The model runs
+    in eval mode and is left as found.
     """
-    check_tensor("x", x, ndim=4)
-    check_model_device(model, x)
     module = resolve_layer(model, layer)
     with capture(model, layer) as record:
         _forward_until(model, x, {layer_name(model, module): module})
@@ -116,13 +117,22 @@ class TopKResult(NamedTuple):
 
 
 def _channel_index(name, channels, count, device):
-    idx = torch.as_tensor(channels, dtype=torch.int64, device=device).flatten()
+    idx = torch.tensor(_channel_list(name, channels), dtype=torch.int64, device=device)
     if len(idx) == 0:
         raise ValueError(f"{name}: expected at least one channel index")
     bad = idx[(idx < 0) | (idx >= count)]
     if len(bad):
         raise ValueError(f"{name}: index {int(bad[0])} out of range for {count} channels")
     return idx
+
+
+def _channel_list(name, channels) -> list:
+    """Channel indices as a list of ints; fractions and bools are refused, not truncated."""
+    values = channels.flatten().tolist() if isinstance(channels, torch.Tensor) else \
+        [channels] if isinstance(channels, numbers.Number) else list(channels)
+    for value in values:
+        check_number(name, value, integer=True)
+    return [int(v) for v in values]
 
 
 def _model_fingerprint(model: nn.Module) -> str:
@@ -145,8 +155,7 @@ class TopKPatches:
     ``load_state_dict()`` save and resume a run; a state from another model (weights
     included), layer set, k or channel selection is refused, saying why.
 
-    model: any ``nn.Module`` (call ``.eval()`` first: in train mode BatchNorm uses batch
-    statistics and Dropout drops at random, so results depend on batching — a warning says so). layers: a name, a module,
+    model: any ``nn.Module``, run in eval mode and left as found (see ``_hooks.explaining``). layers: a name, a module,
     or a list of them; each must output ``[B, C, h, w]`` and run once per forward pass (a
     shared module is read at its first call; one that runs again before the forward pass
     stops raises).
@@ -156,8 +165,8 @@ class TopKPatches:
     """
 
     def __init__(self, model: nn.Module, layers, k: int = 9, channels=None, backend=None):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        check_model(model)
+        check_number("k", k, 1, integer=True)
         layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
         if not layers:
             raise ValueError("layers: expected at least one layer")
@@ -173,7 +182,7 @@ class TopKPatches:
             self._channels = {n: channels.get(n) for n in self._modules}
         else:
             self._channels = {n: channels for n in self._modules}
-        self._channels = {n: None if c is None else [int(i) for i in torch.as_tensor(c).flatten()]
+        self._channels = {n: None if c is None else _channel_list(f"channels (layer {n!r})", c)
                           for n, c in self._channels.items()}
         self._lists, self._shapes = {}, {}
         self.images_seen = self.batches_seen = 0
@@ -186,17 +195,13 @@ class TopKPatches:
     def update(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Add a batch. ids: int64 ``[B]`` >= 0, default the running image count onwards.
         The state changes only when the whole batch went through."""
-        check_tensor("images", images, ndim=4)
-        check_model_device(self.model, images)
+        check_input(self.model, images, "images")
         B = images.shape[0]
         if ids is None:
             ids = torch.arange(self.images_seen, self.images_seen + B)
         ids = torch.as_tensor(ids).to(images.device)
         if ids.dim() != 1 or ids.shape[0] != B or ids.is_floating_point():
             raise ValueError(f"ids: expected {B} integer ids (one per image), got shape {list(ids.shape)}")
-        if any(m.training for m in self.model.modules() if isinstance(m, _BATCH_DEPENDENT)):
-            warnings.warn("TopKPatches: the model has BatchNorm or Dropout in train mode; results then "
-                          "depend on batching or chance (call model.eval())", stacklevel=2)
         pending = {}
 
         def make_hook(name):
@@ -206,7 +211,8 @@ class TopKPatches:
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in self._modules.items()]
         try:
-            _forward_until(self.model, images, self._modules)
+            with explaining(self.model, images, "images"):
+                _forward_until(self.model, images, self._modules)
         finally:
             for h in handles:
                 h.remove()
@@ -282,7 +288,8 @@ def _batches(data, batch_size: int, skip: int):
     """
     if isinstance(data, torch.Tensor):
         check_tensor("data", data, ndim=4)
-        for start in range(skip, len(data), batch_size):
+        # an empty tensor still runs (an empty batch), so its result has the layers' shapes
+        for start in range(skip, len(data), batch_size) if len(data) else [0]:
             yield data[start:start + batch_size], torch.arange(start, min(start + batch_size, len(data)))
         return
     if hasattr(data, "batches"):
@@ -309,13 +316,24 @@ def _batches(data, batch_size: int, skip: int):
             yield images[drop:], torch.as_tensor(ids)[drop:]
 
 
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
+        raise ValueError(f"checkpoint: {path} is not a TopKPatches checkpoint (empty, truncated or another "
+                         f"kind of file: {err}); delete it to start afresh") from err
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        raise ValueError(f"checkpoint: {path} is not a TopKPatches checkpoint ({_STATE_FORMAT})")
+    return state
+
+
 def _save_atomic(state: dict, path: Path) -> None:
     with atomic_write(path) as f:
         torch.save(state, f)
 
 
 def top_k_patches(model: nn.Module, data, layers, k: int = 9, channels=None, batch_size: int = 64,
-                  checkpoint=None, every: int = 50, progress: bool = True, backend=None) -> dict:
+                  checkpoint=None, every: int = 50, progress: bool | None = None, backend=None) -> dict:
     """Run a whole dataset through ``model`` and return ``{layer: TopKResult}`` (see
     ``TopKPatches``): the k images and positions activating each channel most.
 
@@ -325,26 +343,26 @@ def top_k_patches(model: nn.Module, data, layers, k: int = 9, channels=None, bat
     atomically (temporary file, then ``os.replace``), and an existing checkpoint is resumed:
     the images it counts are skipped exactly, none lost or counted twice. Resuming needs the
     data in the same deterministic order and the same model, layers, k and channels (else it
-    is refused). Results equal an uninterrupted run and do not depend on ``batch_size``.
-    progress: a tqdm bar (images).
+    is refused). Temporary files a killed save left beside the checkpoint are removed at
+    load; a file that is not a checkpoint raises ``ValueError`` naming it. Results equal an
+    uninterrupted run and do not depend on ``batch_size``.
+    progress: a tqdm bar of images on stderr; None (default) shows it on an interactive terminal
+    once the run has taken a few seconds (``cnnviz_fast._progress``).
     """
-    from tqdm.auto import tqdm
-
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every: expected an int >= 1, got {every!r}")
+    check_number("batch_size", batch_size, 1, integer=True)
+    check_number("every", every, 1, integer=True)
     run = TopKPatches(model, layers, k=k, channels=channels, backend=backend)
     path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None:
+        remove_stale_temps(path)
     if path is not None and path.exists():
-        run.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        run.load_state_dict(_load_checkpoint(path))
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     # the length of an iterable of batches counts batches, not images: no total there
     counted = isinstance(data, (torch.Tensor, torch.utils.data.Dataset)) and hasattr(data, "__len__")
     total = len(data) if counted else None
-    with tqdm(total=total, initial=run.images_seen, unit="img", disable=not progress,
-              desc="top_k_patches") as bar:
+    with explaining(model), progress_bar(progress, "top_k_patches", total, "img", run.images_seen) as bar:
         for images, ids in _batches(data, batch_size, run.images_seen):
             run.update(images.to(device), ids.to(device))
             bar.update(len(images))

@@ -7,20 +7,21 @@ sample, or a ``[B, k]`` tensor of k classes per sample (the result gains a k axi
 model body still runs once). Common keywords: ``relu=True``, ``normalize=True`` (each map to
 [0, 1]), ``size="input"`` (the input's ``(H, W)``; ``None`` keeps ``(h, w)``; or an int / pair),
 ``backend=None`` (see ``cnnviz_fast.backends()``). Results are ``[B, H, W]`` or
-``[B, k, H, W]`` of the input's dtype on the input's device. The model is left as found.
+``[B, k, H, W]`` of the input's dtype on the input's device. The model is explained in eval
+mode and left as found.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_model_device, check_tensor
-from .._hooks import capture, frozen_parameters, layer_name, resolve_layer, score_gradients
+from .._checks import check_number
+from .._hooks import capture, explanation, frozen_parameters, layer_name, resolve_layer, score_gradients
+from .._progress import progress_bar
 from .._targets import target_indices, target_scores
 from ..ops import cam_combine, upsample_normalize
 
@@ -32,17 +33,6 @@ _FORWARD_FACTOR = 16
 
 # pytorch-grad-cam's epsilon in the Grad-CAM++ alpha denominator.
 _GRAD_CAM_PP_EPS = 1e-6
-
-
-def _check_inputs(model: nn.Module, x: torch.Tensor, layer) -> nn.Module:
-    check_tensor("x", x, ndim=4)
-    check_model_device(model, x)
-    if model.training and any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
-                              for m in model.modules()):
-        warnings.warn("model: is in training mode with dropout or batch norm, so maps are random or "
-                      "depend on the batch (and batch-norm statistics get updated); call model.eval() "
-                      "first", stacklevel=3)
-    return None if layer is None else resolve_layer(model, layer)
 
 
 def _out_size(size, x):
@@ -96,7 +86,7 @@ def _is_gap_linear(acts, head, output) -> bool:
     pooled = acts.detach().mean((2, 3))
     if fc_in.shape != pooled.shape:
         return False
-    tol = 1e-5 * float(pooled.abs().max()) + 1e-30
+    tol = 1e-5 * (float(pooled.abs().max()) if pooled.numel() else 0.0) + 1e-30
     return bool(torch.allclose(fc_in, pooled, rtol=1e-4, atol=tol))
 
 
@@ -121,6 +111,7 @@ def _gradients(model, x, module, target, fc):
     return acts.detach(), grads.detach()
 
 
+@explanation
 def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, relu: bool = True,
         normalize: bool = True, size="input", backend: str | None = None) -> torch.Tensor:
     """CAM (Zhou et al. 2016) for models ending ``layer -> global average pool -> fc``.
@@ -140,7 +131,7 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, relu: bo
                          "average pool followed by a linear layer (use grad_cam instead)")
     if callable(target):
         raise TypeError("target: cam takes class indices, not a callable (use grad_cam)")
-    module = _check_inputs(model, x, layer)
+    module = None if layer is None else resolve_layer(model, layer)
     if module is None:
         module = _gap_layer(model, x, fc)
     with torch.no_grad(), capture(model, module) as record, _record_head(fc) as head:
@@ -174,6 +165,7 @@ def _gap_layer(model, x, fc):
                      f"fc {layer_name(model, fc)!r} and gives the model's output; pass layer= or use grad_cam")
 
 
+@explanation
 def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True,
              normalize: bool = True, size="input", backend: str | None = None) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): ``map = relu(sum_c w_c A_c)`` with
@@ -187,11 +179,12 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True
     x: ``[B, C, H, W]``; target: int, ``[B]``, ``[B, k]`` class indices or a callable
     ``output -> [B]`` scores; layer: module or dotted name with a 4-D output.
     """
-    module = _check_inputs(model, x, layer)
+    module = resolve_layer(model, layer)
     acts, grads = _gradients(model, x, module, target, _last_linear(model))
     return cam_combine(acts, grads.mean((-2, -1)), _out_size(size, x), relu, normalize, backend)
 
 
+@explanation
 def grad_cam_pp(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True,
                 normalize: bool = True, size="input", backend: str | None = None) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018) as pytorch-grad-cam's ``GradCAMPlusPlus``:
@@ -203,7 +196,7 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = T
     the denominator and, in torchcam 0.5, its in-place division on a masked copy leaves
     ``alpha = g^2``). Arguments, cost and shapes as ``grad_cam``.
     """
-    module = _check_inputs(model, x, layer)
+    module = resolve_layer(model, layer)
     acts, grads = _gradients(model, x, module, target, _last_linear(model))
     sum_acts = acts.sum((2, 3))
     sum_acts = (sum_acts if grads.dim() == 4 else sum_acts[:, None])[..., None, None]
@@ -214,6 +207,7 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = T
     return cam_combine(acts, weights, _out_size(size, x), relu, normalize, backend)
 
 
+@explanation
 def layer_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True,
               normalize: bool = True, size="input", backend: str | None = None) -> torch.Tensor:
     """LayerCAM (Jiang et al. 2021): per-position weights ``relu(g)``,
@@ -221,24 +215,23 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = Tru
     torchcam's ``LayerCAM`` (one layer, so no multi-layer fusion) compute it. Arguments, cost
     and shapes as ``grad_cam``.
     """
-    module = _check_inputs(model, x, layer)
+    module = resolve_layer(model, layer)
     acts, grads = _gradients(model, x, module, target, _last_linear(model))
     return cam_combine(acts, torch.relu(grads), _out_size(size, x), relu, normalize, backend)
 
 
 def _score_cam_chunk(x: torch.Tensor, batch_size) -> int:
     if batch_size is not None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        return batch_size
+        return check_number("batch_size", batch_size, 1, integer=True)
     budget = float(os.environ.get("CNNVIZ_SCORE_CAM_BUDGET_MB", 0)) * 2**20 or SCORE_CAM_BUDGET_BYTES
-    per_input = _FORWARD_FACTOR * x[0].numel() * x.element_size()
+    per_input = _FORWARD_FACTOR * x.shape[1:].numel() * x.element_size()
     return max(1, int(budget // per_input))
 
 
+@explanation
 def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int | None = None,
               relu: bool = True, normalize: bool = True, size="input",
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, progress: bool | None = None) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020): each activation map ``A_c`` is bilinearly upsampled to the
     input size and min-max normalized to a mask ``M_c``; the model scores ``x * M_c``; the
     weights are the softmax over channels of the target's masked-input logits,
@@ -254,9 +247,11 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     16x the size of one input image, a bound on a masked input plus its forward's live
     activations); each chunk is one forward pass, and every target class of a ``[B, k]``
     target is scored from it. target: int, ``[B]`` or ``[B, k]`` class indices, or a callable
-    ``output -> [n]`` scores (applied to each chunk's output).
+    ``output -> [n]`` scores (applied to each chunk's output). progress: a tqdm bar of masked
+    inputs on stderr; None (default) shows it on an interactive terminal once the work has
+    taken a few seconds (``cnnviz_fast._progress``).
     """
-    module = _check_inputs(model, x, layer)
+    module = resolve_layer(model, layer)
     chunk = _score_cam_chunk(x, batch_size)
     with torch.no_grad(), capture(model, module) as record:
         output = model(x)
@@ -265,14 +260,16 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     idx = None if callable(target) else target_indices(target, B, output.shape[1], x.device)
     pairs = acts.reshape(B * K, 1, *acts.shape[2:])
     scores = []
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(progress, "score_cam", B * K, "mask") as bar:
         for start in range(0, B * K, chunk):
             sample = torch.arange(start, min(start + chunk, B * K), device=x.device) // K
             masks = upsample_normalize(pairs[start:start + chunk], tuple(x.shape[-2:]), backend=backend)
             out = model(x[sample] * masks)
             scores.append(target_scores(out, target) if idx is None else
                           out.gather(1, idx[sample].view(len(sample), -1)))
-    scores = torch.cat(scores).view(B, K, -1).transpose(1, 2)
+            bar.update(len(sample))
+    k = 1 if idx is None or idx.dim() == 1 else idx.shape[1]
+    scores = (torch.cat(scores) if scores else output.new_empty(0)).view(B, K, k).transpose(1, 2)
     weights = F.softmax(scores.float(), dim=-1).to(acts.dtype)
     if idx is None or idx.dim() == 1:
         weights = weights.squeeze(1)

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_write
-from .._checks import check_tensor
-from .._hooks import capture, resolve_layer
+from .._atomic import atomic_write, remove_stale_temps
+from .._checks import check_choice, check_input, check_model, check_number, check_tensor
+from .._hooks import capture, explaining, resolve_layer
+from .._progress import progress_bar
 
 FORMAT_NAME = "cnnviz-fast.FeatureIndex"
 FORMAT_VERSION = 1
@@ -69,7 +70,8 @@ def _batches(data, batch_size):
     tensors / (images, labels) / (images, labels, ids) tuples."""
     if isinstance(data, torch.Tensor):
         check_tensor("data", data, ndim=(2, 3, 4, 5))
-        for start in range(0, data.shape[0], batch_size):
+        # an empty tensor still runs (an empty batch), so its result has the layer's width
+        for start in range(0, data.shape[0], batch_size) if len(data) else [0]:
             yield data[start:start + batch_size], None
         return
     source = data.batches(batch_size) if hasattr(data, "batches") else data
@@ -101,56 +103,45 @@ def _pool(acts: torch.Tensor, pool: str) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64,
-          progress: bool = True) -> Embeddings:
+          progress: bool | None = None) -> Embeddings:
     """One vector per image: the output of ``layer`` pooled over its spatial axes.
 
     data: an image tensor ``[N, C, H, W]``, an object with ``.batches(batch_size)`` (such as
     ``cnnviz_fast.data.image_folder``), or any iterable of batches (image tensors or
     ``(images, labels[, ids])`` tuples, e.g. a ``DataLoader``). Batches are moved to the
-    model's device one at a time, so datasets larger than memory stream through.
+    model's device one at a time, so datasets larger than memory stream through; each is
+    checked as the methods check ``x`` (dtype, finite values, shape the model takes).
     pool: ``"avg"`` (global average, the penultimate vector of GAP networks), ``"max"``, or
     ``"none"`` (flatten ``C*H*W``). Activations already ``[B, D]`` are taken as they are.
+    progress: a tqdm bar of images on stderr; None (default) shows it on an interactive
+    terminal once the run has taken a few seconds (``cnnviz_fast._progress``).
 
     Returns ``Embeddings(vectors, ids)``: float32 ``[N, D]`` on the model's device, and the
-    ids the data carried (a list) or, where it carried none, ``arange(N)`` (int64).
+    ids the data carried (a list) or, where it carried none, ``arange(N)`` (int64). An empty
+    image tensor gives ``[0, D]`` vectors.
     The model runs in eval mode under ``torch.no_grad`` and is left as found (mode restored,
     hooks removed).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if pool not in ("avg", "max", "none"):
-        raise ValueError(f"pool: expected 'avg', 'max' or 'none', got {pool!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    check_model(model)
+    check_choice("pool", pool, ("avg", "max", "none"))
+    check_number("batch_size", batch_size, 1, integer=True)
     module = resolve_layer(model, layer)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    total = _image_count(data)
-    modes = [(m, m.training) for m in model.modules()]
     chunks, ids, count = [], [], 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="embed", unit="img")
-    try:
-        model.eval()
-        with capture(model, module) as record:
-            for images, batch_ids in _batches(data, batch_size):
-                model(images.to(device))
-                chunks.append(_pool(record[module], pool).float())
-                n = images.shape[0]
-                if batch_ids is None:
-                    ids.extend(range(count, count + n))
-                else:
-                    ids.extend(batch_ids.tolist() if isinstance(batch_ids, torch.Tensor) else list(batch_ids))
-                count += n
-                if bar is not None:
-                    bar.update(n)
-    finally:
-        for m, flag in modes:
-            m.training = flag
-        if bar is not None:
-            bar.close()
+    with explaining(model), capture(model, module) as record, \
+            progress_bar(progress, "embed", _image_count(data), "img") as bar:
+        for images, batch_ids in _batches(data, batch_size):
+            images = check_input(model, images.to(device), "data", ndim=images.dim())
+            model(images)
+            chunks.append(_pool(record[module], pool).float())
+            n = images.shape[0]
+            if batch_ids is None:
+                ids.extend(range(count, count + n))
+            else:
+                ids.extend(batch_ids.tolist() if isinstance(batch_ids, torch.Tensor) else list(batch_ids))
+            count += n
+            bar.update(n)
     if not chunks:
         raise ValueError("data: no images")
     out_ids = torch.tensor(ids, dtype=torch.int64) if all(isinstance(i, int) for i in ids) else ids
@@ -510,6 +501,7 @@ class FeatureIndex:
         A corrupt file or one of another format version raises ``ValueError``."""
         faiss = _require("faiss", "faiss-cpu")
         path = Path(path)
+        remove_stale_temps(path)  # of a save killed midway
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such FeatureIndex file")
         try:

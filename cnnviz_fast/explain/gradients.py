@@ -7,8 +7,8 @@ and a target (an int, one int per sample, a ``[B, k]`` tensor or a callable ``f(
 see ``cnnviz_fast._targets``). Results are ``[B, C, H, W]`` in ``x``'s dtype on ``x``'s device,
 or ``[B, k, C, H, W]`` for ``[B, k]`` targets: the forward pass runs once and the k gradients
 come from one batched vector-Jacobian product (``is_grads_batched``). Parameter gradients are
-never computed (parameters are frozen for the call), no ``.grad`` is filled, and the model is
-left exactly as found: mode, ``requires_grad`` flags, hooks; rules replace the ``forward`` of
+never computed (parameters are frozen for the call), no ``.grad`` is filled, the model runs in
+eval mode (``_hooks.explaining``) and is left exactly as found: mode, ``requires_grad`` flags, hooks; rules replace the ``forward`` of
 nonlinear modules only for the call, also restored when the forward pass raises.
 
 Modified backward rules (guided backprop, deconvnet, DeepLIFT) act on *modules*: a nonlinearity
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_model_device, check_same_device, check_tensor
-from .._hooks import frozen_parameters, score_gradients
+from .._checks import check_finite, check_number, check_same_device, check_tensor
+from .._hooks import explanation, frozen_parameters, score_gradients
+from .._progress import progress_bar
 from .._targets import target_scores
 from ..ops import deeplift_rescale_relu_grad
 
@@ -36,13 +37,6 @@ __all__ = ["saliency", "to_map", "guided_backprop", "deconvnet", "smoothgrad",
 
 
 # ----------------------------------------------------------------------------- plumbing
-
-def _check_inputs(model, x):
-    check_tensor("x", x, ndim=4)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    check_model_device(model, x)
-
 
 def _repeat_target(target, batch: int, times: int, interleave: bool):
     """``target`` for ``x`` repeated ``times`` along the batch: block-wise (``x.repeat``, the
@@ -99,8 +93,9 @@ def _baseline_tensor(baseline, x):
     """``baseline`` as a tensor of x's shape: a number, a tensor of x's shape, or ``[1, C, H, W]``
     / ``[C, H, W]`` broadcast over the batch (Captum's accepted forms)."""
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, float(check_number("baseline", baseline)))
     check_tensor("baseline", baseline)
+    check_finite("baseline", baseline)
     check_same_device(x=x, baseline=baseline)
     if baseline.dim() == x.dim() - 1:
         baseline = baseline[None]
@@ -108,13 +103,6 @@ def _baseline_tensor(baseline, x):
         raise ValueError(f"baseline: expected a number or a tensor of shape {tuple(x.shape)} "
                          f"(or {(1, *x.shape[1:])}), got shape {tuple(baseline.shape)}")
     return baseline.to(x.dtype).expand_as(x)
-
-
-def _check_count(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
 # Default memory for one chunk of noisy copies / path points on CPU (CUDA: half the free memory).
@@ -132,15 +120,19 @@ def _row_chunks(model, x, rows, batch_size, memory_budget, work):
     autograd saves for the backward, ``saved_tensors_hooks``, weights and buffers not counted,
     times 1.5 for the gradients alive during the backward) is measured on a first one-row pass
     while the caller runs it, and remembered for ``model`` and ``work`` (what a row runs) at
-    this row shape; no pass is spent on measuring."""
+    this row shape; no pass is spent on measuring. No rows (an empty batch) give one empty
+    range, so the caller's pass still runs and shapes its (empty) result."""
+    if rows == 0:
+        yield 0, 0
+        return
     if batch_size is not None:
-        _check_count("batch_size", batch_size, 1)
+        check_number("batch_size", batch_size, 1, integer=True)
         yield from ((start, min(start + batch_size, rows)) for start in range(0, rows, batch_size))
         return
     if memory_budget is None:
         memory_budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else _CPU_MEMORY_BUDGET
-    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget: expected a number of bytes >= 1, got {memory_budget!r}")
+    else:
+        check_number("memory_budget", memory_budget, 1)
     key = (work, tuple(x.shape[1:]), x.dtype, x.device)
     known = _ROW_BYTES.setdefault(model, {})
     first = 0
@@ -168,6 +160,7 @@ def _sum_features(attr, k_axis):
 
 # ----------------------------------------------------------------------------- saliency
 
+@explanation
 def saliency(model: nn.Module, x: torch.Tensor, target, abs: bool = True) -> torch.Tensor:
     """Input gradient of the target score (Simonyan et al. 2014; Captum ``Saliency``):
     ``|d f_t(x) / dx|`` (``abs=False``: the signed gradient).
@@ -175,7 +168,6 @@ def saliency(model: nn.Module, x: torch.Tensor, target, abs: bool = True) -> tor
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W] for [B, k] targets), same
     dtype and device. ``to_map`` reduces it to the per-pixel "gradient magnitude map".
     """
-    _check_inputs(model, x)
     grads, _ = _input_gradients(model, x, target)
     return grads.abs() if abs else grads
 
@@ -232,8 +224,6 @@ class _DeconvReLU(torch.autograd.Function):
 
 
 def _modified_relu_gradients(model, x, target, rule):
-    _check_inputs(model, x)
-
     def make_forward(_name, module):
         return lambda inp: rule.apply(inp, module.inplace)
 
@@ -242,6 +232,7 @@ def _modified_relu_gradients(model, x, target, rule):
     return grads
 
 
+@explanation
 def guided_backprop(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015; Captum ``GuidedBackprop``): the input
     gradient with every ``nn.ReLU`` module's backward replaced by ``relu(grad) * (x > 0)``.
@@ -253,6 +244,7 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     return _modified_relu_gradients(model, x, target, _GuidedReLU)
 
 
+@explanation
 def deconvnet(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """Deconvnet attribution (Zeiler & Fergus 2014; Captum ``Deconvolution``): the input
     gradient with every ``nn.ReLU`` module's backward replaced by ``relu(grad)``.
@@ -264,9 +256,11 @@ def deconvnet(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- SmoothGrad
 
+@explanation
 def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, noise: float = 0.15,
                method=saliency, generator: torch.Generator | None = None,
-               batch_size: int | None = None, memory_budget: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, memory_budget: int | None = None,
+               progress: bool | None = None) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017; Captum ``NoiseTunnel(method).attribute(nt_type=
     "smoothgrad")``): the mean of ``method(model, x + eps, target)`` over ``n_samples`` noisy
     copies, ``eps ~ N(0, sigma^2)`` with ``sigma = noise * (max(x_b) - min(x_b))`` per sample
@@ -281,16 +275,18 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     noise is Captum's noise, value for value. ``method`` runs on ``batch_size`` rows at a time
     (``None``: as many as fit ``memory_budget`` bytes, measured on the first row's pass and
     remembered for the model; default
-    budget half the free CUDA memory, or 2 GiB on CPU).
+    budget half the free CUDA memory, or 2 GiB on CPU). progress: a tqdm bar of noisy copies on
+    stderr; None (default) shows it on an interactive terminal once the work has taken a few
+    seconds (``cnnviz_fast._progress``).
 
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
     [B, k, C, H, W]), same dtype and device.
     """
-    _check_inputs(model, x)
-    _check_count("n_samples", n_samples, 1)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise ValueError(f"noise: expected a number >= 0 (stdev as a fraction of each sample's "
-                         f"value range), got {noise!r}")
+    check_number("n_samples", n_samples, 1, integer=True)
+    check_number("noise", noise, 0)  # sigma as a fraction of each sample's value range
+    if not callable(method):
+        raise TypeError(f"method: expected an attribution function (model, x, target) such as "
+                        f"cnnviz_fast.saliency, got {method!r}")
     batch = x.shape[0]
     rows = batch * n_samples
     span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
@@ -298,13 +294,15 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     targets = _repeat_target(target, batch, n_samples, interleave=True)
     eps = torch.randn((rows, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
     total = None
-    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, method):
-        sample = torch.arange(start, stop, device=x.device) // n_samples
-        noisy = x[sample] + eps[start:stop] * sigma[start:stop]
-        attr = method(model, noisy, _rows_of(targets, start, stop))
-        if total is None:
-            total = attr.new_zeros((batch, *attr.shape[1:]))
-        total.index_add_(0, sample, attr)
+    with progress_bar(progress, "smoothgrad", rows, "copy") as bar:
+        for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, method):
+            sample = torch.arange(start, stop, device=x.device) // n_samples
+            noisy = x[sample] + eps[start:stop] * sigma[start:stop]
+            attr = method(model, noisy, _rows_of(targets, start, stop))
+            if total is None:
+                total = attr.new_zeros((batch, *attr.shape[1:]))
+            total.index_add_(0, sample, attr)
+            bar.update(stop - start)
     return total / n_samples
 
 
@@ -328,9 +326,11 @@ def _path_weights(method: str, steps: int):
     raise ValueError(f"method: expected 'riemann_trapezoid' or 'gausslegendre', got {method!r}")
 
 
+@explanation
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, steps: int = 50,
                          method: str = "riemann_trapezoid", batch_size: int | None = None,
-                         memory_budget: int | None = None, return_delta: bool = False):
+                         memory_budget: int | None = None, return_delta: bool = False,
+                         progress: bool | None = None):
     """Integrated Gradients (Sundararajan et al. 2017; Captum ``IntegratedGradients``):
     ``(x - x') * sum_i w_i * grad f_t(x' + a_i (x - x'))`` with Captum's step sizes ``w_i`` and
     alphas ``a_i`` for ``method`` (see ``_path_weights``; Captum's own default method is
@@ -340,12 +340,13 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     The ``steps * B`` path points run ``batch_size`` rows per forward/backward pass (Captum's
     ``internal_batch_size``; ``None``: as many as fit ``memory_budget`` bytes, as in
     ``smoothgrad``). ``return_delta=True`` also returns Captum's
-    convergence delta ``sum(attr) - (f_t(x) - f_t(x'))`` per sample ([B] or [B, k]).
+    convergence delta ``sum(attr) - (f_t(x) - f_t(x'))`` per sample ([B] or [B, k]). progress: a
+    tqdm bar of path points on stderr; None (default) shows it on an interactive terminal once
+    the work has taken a few seconds (``cnnviz_fast._progress``).
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     """
-    _check_inputs(model, x)
-    _check_count("steps", steps, 1)
+    check_number("steps", steps, 1, integer=True)
     base = _baseline_tensor(baseline, x)
     sizes, alphas = _path_weights(method, steps)
     batch = x.shape[0]
@@ -355,15 +356,17 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
     weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
     targets = _repeat_target(target, batch, steps, interleave=False)
     total = None
-    for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, "gradient"):
-        row = torch.arange(start, stop, device=x.device)
-        step, sample = row // batch, row % batch
-        path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
-        grads, _ = _input_gradients(model, path, _rows_of(targets, start, stop))
-        grads = grads * weight[step].view(-1, *([1] * (grads.dim() - 1)))
-        if total is None:
-            total = grads.new_zeros((batch, *grads.shape[1:]))
-        total.index_add_(0, sample, grads)
+    with progress_bar(progress, "integrated_gradients", rows, "point") as bar:
+        for start, stop in _row_chunks(model, x, rows, batch_size, memory_budget, "gradient"):
+            row = torch.arange(start, stop, device=x.device)
+            step, sample = row // batch, row % batch
+            path = base[sample] + alpha[step].view(-1, 1, 1, 1) * diff[sample]
+            grads, _ = _input_gradients(model, path, _rows_of(targets, start, stop))
+            grads = grads * weight[step].view(-1, *([1] * (grads.dim() - 1)))
+            if total is None:
+                total = grads.new_zeros((batch, *grads.shape[1:]))
+            total.index_add_(0, sample, grads)
+            bar.update(stop - start)
     k_axis = total.dim() == 5
     attr = total * (diff[:, None] if k_axis else diff)
     if not return_delta:
@@ -534,6 +537,7 @@ def _deeplift_rules(model, eps):
         yield links
 
 
+@explanation
 def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta: bool = False,
              eps: float = 1e-10):
     """DeepLIFT with the rescale rule (Shrikumar et al. 2017, Ancona et al. 2018; Captum
@@ -557,10 +561,7 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     """
-    _check_inputs(model, x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    eps = float(eps)
+    eps = float(check_number("eps", eps, 0))
     base = _baseline_tensor(baseline, x)
     batch = x.shape[0]
     with _deeplift_rules(model, eps) as links, frozen_parameters(model), torch.enable_grad():

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_model_device, check_tensor
-from .._hooks import frozen_parameters
+from .._checks import check_number
+from .._hooks import explanation, frozen_parameters
 from .._targets import target_scores
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -90,8 +90,7 @@ class Rule:
     every denominator."""
 
     def __init__(self, stabilizer: float = 1e-6):
-        if not isinstance(stabilizer, (int, float)) or isinstance(stabilizer, bool) or stabilizer < 0:
-            raise ValueError(f"stabilizer: expected a float >= 0, got {stabilizer!r}")
+        check_number("stabilizer", stabilizer, 0)
         self.stabilizer = float(stabilizer)
 
     def __repr__(self):
@@ -116,7 +115,7 @@ class Epsilon(LinearRule):
     ``epsilon=0`` is LRP-0."""
 
     def __init__(self, epsilon: float = 1e-6):
-        super().__init__(epsilon)
+        super().__init__(check_number("epsilon", epsilon, 0))
 
     def terms(self, weight, bias, x):
         return [(1.0, None, [("x", weight, bias)])]
@@ -135,7 +134,9 @@ class AlphaBeta(LinearRule):
     of the positive contributions minus ``beta`` times that of the negative ones; alpha - beta = 1."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
-        if alpha < 0 or beta < 0 or alpha - beta != 1:
+        check_number("alpha", alpha, 0)
+        check_number("beta", beta, 0)
+        if alpha - beta != 1:
             raise ValueError(f"alpha, beta: expected alpha, beta >= 0 with alpha - beta = 1, got {alpha}, {beta}")
         super().__init__(stabilizer)
         self.alpha, self.beta = float(alpha), float(beta)
@@ -153,7 +154,7 @@ class Gamma(LinearRule):
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
         super().__init__(stabilizer)
-        self.gamma = float(gamma)
+        self.gamma = float(check_number("gamma", gamma, 0))
 
     def terms(self, weight, bias, x):
         g = self.gamma
@@ -333,7 +334,8 @@ class _RuleLayer:
         y = self._apply(x, self.weight, self.bias)
         lo = hi = None
         if any(src in ("pos", "neg") for _, _, parts in terms for src, _, _ in parts):
-            lo, hi = (v.item() for v in torch.aminmax(x))
+            # an empty batch has no sign: keep both parts, so the (empty) shapes flow through
+            lo, hi = (v.item() for v in torch.aminmax(x)) if x.numel() else (-1.0, 1.0)
         # source key -> [source tensor, [(W, b)], [term index per (W, b)]]
         groups = {}
         for t, (_, _, parts) in enumerate(terms):
@@ -570,11 +572,9 @@ def _resnet_block_forward(block, pairs, stabilizer):
 
 @contextlib.contextmanager
 def _swapped_forwards(model, forwards):
-    """Eval mode and the rules' forwards for the block; everything restored, also on errors."""
-    modes = [(m, m.training) for m in model.modules()]
+    """The rules' forwards for the block; the originals restored, also on errors."""
     saved = [(m, m.__dict__.get("forward")) for m in forwards]
     try:
-        model.eval()
         for module, fn in forwards.items():
             module.forward = fn
         yield
@@ -584,10 +584,9 @@ def _swapped_forwards(model, forwards):
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
-        for m, mode in modes:
-            m.training = mode
 
 
+@explanation(ndim=(2, 3, 4, 5))
 def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *, epsilon: float = 1e-6,
         gamma: float = 0.25, stabilizer: float = 1e-6, low=None, high=None, canonize: bool = True):
     """Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019), matching
@@ -625,8 +624,6 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *,
         both round differently where a pre-activation is near zero, which on random-weight
         networks reaches 1e-3 to 1e-2 of the relevance scale for either library.
     """
-    check_tensor("x", x, ndim=(2, 3, 4, 5))
-    check_model_device(model, x)
     forwards = _plan(model, rules, epsilon, gamma, stabilizer, low, high, canonize)
     with frozen_parameters(model), _swapped_forwards(model, forwards), torch.enable_grad():
         x_in = x.detach().requires_grad_(True)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._checks import check_model_device, check_tensor, pair
+from .._checks import check_choice, check_finite, check_number, pair
+from .._hooks import explanation
+from .._progress import progress_bar
 from .._targets import target_indices, target_scores
 
 _MODES = ("exact", "incremental", "approximate")
@@ -40,7 +42,7 @@ def _window_positions(H: int, W: int, window, stride) -> torch.Tensor:
 def _expand_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
     """A scalar, ``C`` per-channel values, or a tensor broadcastable to ``x`` -> ``[B, C, H, W]``."""
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, baseline)
+        return torch.full_like(x, check_number("baseline", baseline))
     if isinstance(baseline, (list, tuple)):
         baseline = torch.tensor(baseline, dtype=x.dtype, device=x.device)
     if not isinstance(baseline, torch.Tensor):
@@ -48,6 +50,7 @@ def _expand_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
                         f"{type(baseline).__name__}")
     if baseline.device != x.device:
         raise ValueError(f"baseline: is on {baseline.device} but x is on {x.device}")
+    check_finite("baseline", baseline)
     b = baseline.to(x.dtype)
     if b.dim() == 1 and b.shape[0] == x.shape[1]:
         b = b[:, None, None]
@@ -76,8 +79,9 @@ class _Sweep:
     (image, window) pairs by batched full inference or by incremental inference."""
 
     def __init__(self, model, x, target, window, baseline, batch_size=None, backend=None,
-                 incremental=False, tau=None, memory_budget=None, compute_dtype=None):
+                 incremental=False, tau=None, memory_budget=None, compute_dtype=None, bar=None):
         self.model, self.x, self.target, self.window = model, x, target, window
+        self.bar = bar  # a progress bar counting evaluated windows, or None
         self.base = _expand_baseline(baseline, x)
         self.backend, self.batch_size = backend, batch_size
         # one incremental engine per image, built once (its clean pass gives the clean output)
@@ -90,7 +94,7 @@ class _Sweep:
             output, per_sample_bytes = self._clean_forward()
         self.clean = target_scores(output, target)
         self.k_axis = self.clean.dim() == 2
-        self.clean = self.clean.reshape(x.shape[0], -1)
+        self.clean = self.clean if self.k_axis else self.clean[:, None]
         self.indices = None if callable(target) else target_indices(target, x.shape[0], output.shape[1], x.device)
         if batch_size is None and self.engines is None:
             if memory_budget is None:
@@ -135,13 +139,14 @@ class _Sweep:
         finally:
             for h in handles:
                 h.remove()
-        sample = self.x[0].numel() * self.x.element_size()
-        return output, max(total[0] // self.x.shape[0], sample) + sample
+        sample = self.x.shape[1:].numel() * self.x.element_size()
+        return output, max(total[0] // max(self.x.shape[0], 1), sample) + sample
 
     def _drops_of(self, output, image_index):
         """``[n, k]`` drops: clean score minus the occluded copies' scores."""
         target = self.target if self.indices is None else self.indices[image_index]
-        scores = target_scores(output, target).reshape(len(image_index), -1)
+        scores = target_scores(output, target)
+        scores = scores if scores.dim() == 2 else scores[:, None]
         return self.clean[image_index] - scores
 
     def _full_drops(self, image_index, positions):
@@ -153,7 +158,8 @@ class _Sweep:
             copies = ops.occlusion_copies(self.x, self.base, idx, pos, self.window, out=buffer[:len(idx)],
                                           backend=self.backend)
             drops.append(self._drops_of(self.model(copies.contiguous(memory_format=self.layout)), idx))
-        return torch.cat(drops)
+            self._advance(len(idx))
+        return torch.cat(drops) if drops else self.clean.new_empty((0, self.clean.shape[1]))
 
     def _incremental_drops(self, image_index, positions):
         drops = torch.empty((len(image_index), self.clean.shape[1]), dtype=self.clean.dtype, device=self.x.device)
@@ -162,7 +168,12 @@ class _Sweep:
             if len(sel):
                 out = engine.outputs(self.base[b], positions[sel], self.window, batch_size=self.batch_size)
                 drops[sel] = self._drops_of(out, image_index[sel])
+                self._advance(len(sel))
         return drops
+
+    def _advance(self, windows):
+        if self.bar is not None:
+            self.bar.update(windows)
 
     def drops(self, image_index, positions):
         """Score drops ``[n, k]`` of the windows at ``positions [n, 2]`` of images ``image_index [n]``."""
@@ -196,7 +207,7 @@ class _Sweep:
         shared = ((fine % torch.tensor(coarse_stride, device=fine.device) == 0) & (fine <= last)).all(1)
         n_tops = int(last[0]) // coarse_stride[0] + 1
         coarse_id = fine[:, 0] // coarse_stride[0] + fine[:, 1] // coarse_stride[1] * n_tops
-        drops[:, shared] = coarse_drops.view(B, len(coarse), -1)[:, coarse_id[shared]]
+        drops[:, shared] = coarse_drops.view(B, len(coarse), self.clean.shape[1])[:, coarse_id[shared]]
         n_refine = math.ceil(refine_fraction * P)
         if n_refine:
             chosen = torch.zeros((B, P), dtype=torch.bool, device=fine.device)
@@ -204,7 +215,7 @@ class _Sweep:
             b_idx, f_idx = (chosen & ~shared).nonzero(as_tuple=True)
             if len(b_idx):
                 drops[b_idx, f_idx] = self.drops(b_idx, fine[f_idx])
-        return self.average(*self.pairs(fine), drops.reshape(B * P, -1))
+        return self.average(*self.pairs(fine), drops.reshape(B * P, self.clean.shape[1]))
 
 
 class _Cast(nn.Module):
@@ -224,10 +235,12 @@ def _check_stride(name, stride, window, H, W):
                          f"would never be occluded (Captum's rule: stride <= window)")
 
 
+@explanation
 def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, baseline=0.0,
               mode: str = "exact", batch_size: int | None = None, backend: str | None = None, *,
               tau: float | None = 0.5, coarse_stride=None, refine_fraction: float = 0.25,
-              compute_dtype: torch.dtype | None = None, memory_budget: int | None = None) -> torch.Tensor:
+              compute_dtype: torch.dtype | None = None, memory_budget: int | None = None,
+              progress: bool | None = None) -> torch.Tensor:
     """Occlusion map (Zeiler & Fergus 2014): how much the target score drops when a window of
     the image is replaced by a baseline, averaged over the windows covering each pixel.
 
@@ -238,7 +251,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
     ``map[i, j] = mean over windows w covering (i, j) of s_t(x) - s_t(x with w <- baseline)``.
 
     model: any module mapping ``[n, C, H, W]`` to ``[n, classes]`` (or to what a callable
-    target scores); run in its current mode (call ``model.eval()`` first), left as found.
+    target scores); explained in eval mode and left as found (see ``_hooks.explaining``).
     x: float ``[B, C, H, W]`` on the model's device. target: an int, one int per sample, a
     ``[B, k]`` tensor of classes, or a callable ``f(output [n, ...]) -> [n]`` scoring each row
     of a batch independently. window, stride: an int or ``(h, w)``; ``stride <= window``
@@ -281,41 +294,37 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         model runs in ``compute_dtype``, its scores included: far less accurate.
         ``refine_fraction=1`` with ``tau=None`` is exact. These knobs are ignored by the other modes.
 
+    progress: a tqdm bar of evaluated windows on stderr; None (default) shows it on an
+    interactive terminal once the sweep has taken a few seconds (``cnnviz_fast._progress``).
+
     Returns ``[B, H, W]``, or ``[B, k, H, W]`` for ``[B, k]`` targets, in the score's dtype on
     ``x``'s device.
     """
-    check_tensor("x", x, ndim=4)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    check_model_device(model, x)
     H, W = x.shape[-2:]
     window, stride = pair("window", window), pair("stride", stride)
     if window[0] > H or window[1] > W:
         raise ValueError(f"window: {window} is larger than the {H}x{W} image")
     _check_stride("stride", stride, window, H, W)
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
+    check_choice("mode", mode, _MODES)
+    check_number("batch_size", batch_size, 1, integer=True, none=True)
+    check_number("memory_budget", memory_budget, 1, none=True)
     if mode == "approximate":
         coarse_stride = pair("coarse_stride", coarse_stride if coarse_stride is not None else
                              tuple(min(2 * s, w) for s, w in zip(stride, window)))
         _check_stride("coarse_stride", coarse_stride, window, H, W)
-        if tau is not None and not 0 < tau <= 1:
-            raise ValueError(f"tau: expected a fraction in (0, 1] or None, got {tau!r}")
-        if not 0 <= refine_fraction <= 1:
-            raise ValueError(f"refine_fraction: expected a fraction in [0, 1], got {refine_fraction!r}")
+        check_number("tau", tau, 0, 1, low_open=True, none=True)
+        check_number("refine_fraction", refine_fraction, 0, 1)
         if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
             raise TypeError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
     else:
         tau = compute_dtype = None
-    incremental = mode == "incremental" or (mode == "approximate" and tau is not None)
-    with torch.no_grad():
+    # an empty batch has no image to build an engine from; its (empty) sweep runs exact
+    incremental = len(x) > 0 and (mode == "incremental" or (mode == "approximate" and tau is not None))
+    fine = _window_positions(H, W, window, stride).to(x.device)
+    total = None if mode == "approximate" else x.shape[0] * len(fine)  # drill-down: known as it goes
+    with torch.no_grad(), progress_bar(progress, "occlusion", total, "window") as bar:
         sweep = _Sweep(model, x, target, window, baseline, batch_size, backend, incremental, tau, memory_budget,
-                       compute_dtype)
-        fine = _window_positions(H, W, window, stride).to(x.device)
+                       compute_dtype, bar)
         if mode == "approximate":
             coarse = _window_positions(H, W, window, coarse_stride).to(x.device)
             maps = sweep.drill_down(fine, coarse, coarse_stride, refine_fraction)
