@@ -555,7 +555,9 @@ class LRP(_Attribution):
     def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta: bool = False,
                   verbose: bool = False):
         for name, module in self.model.named_modules():
-            if getattr(module, "rule", None) is not None:
+            rule = getattr(module, "rule", None)
+            if rule is not None and not (type(rule).__name__ == "EpsilonRule"
+                                         and getattr(rule, "STABILITY_FACTOR", None) == _LRP_EPSILON):
                 raise ValueError(f"model: layer {name!r} carries a Captum rule (module.rule); cnnviz_fast.compat."
                                  f"captum.LRP applies Captum's default rules only")
             leaf = next(module.children(), None) is None
@@ -569,4 +571,4 @@ class LRP(_Attribution):
             return call.split(attr)
         with torch.no_grad():
             scores = target_scores(call.model(call.x), engine_target)
-        return call.split(attr), attr.flatten(1).sum(1) - scores
+        return call.split(attr), scores - attr.flatten(1).sum(1)   # Captum's LRP sign: output - sum
