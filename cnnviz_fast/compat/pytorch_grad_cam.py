@@ -179,6 +179,14 @@ def _projection(weighted: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.float32(out)).to(weighted.device)
 
 
+def _resized(cam, x):
+    """pytorch-grad-cam's per-layer scaling: ``[B, h, w]`` maps (ReLU applied) scaled by
+    ``scale_cam_image`` at the layer's resolution, then resized to x's size (bilinear,
+    ``cv2.resize``'s numbers) without scaling again: the layers' maps are averaged before the
+    last scaling, so where each one is scaled matters."""
+    return upsample_normalize(scale_cam_image(cam)[:, None], tuple(x.shape[-2:]), normalize=False)[:, 0]
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     modes = [(m, m.training) for m in model.modules()]
@@ -262,9 +270,9 @@ class _BaseCAM:
             handle.remove()
 
     def _layer_map(self, model, x, target, layer, eigen_smooth):
-        """One layer's ``[B, H, W]`` map, min-max scaled at the input size."""
+        """One layer's ``[B, H, W]`` map at the input size."""
         if self.reshape_transform is None and not eigen_smooth:
-            return type(self)._engine(model, x, target, layer)
+            return _resized(type(self)._engine(model, x, target, layer, normalize=False, size=None), x)
         acts, grads, _ = layer_gradients(model, x, layer, target)
         if self.reshape_transform is not None:
             acts, grads = self.reshape_transform(acts), self.reshape_transform(grads)
@@ -273,10 +281,9 @@ class _BaseCAM:
     @staticmethod
     def _combine(acts, weights, x, eigen_smooth):
         if not eigen_smooth:
-            return cam_combine(acts, weights, tuple(x.shape[-2:]))
+            return _resized(cam_combine(acts, weights, None, normalize=False), x)
         weighted = acts * (weights[..., None, None] if weights.dim() == 2 else weights)
-        cam = _projection(weighted).clamp_min(0)
-        return upsample_normalize(cam[:, None], tuple(x.shape[-2:]))[:, 0]
+        return _resized(_projection(weighted).clamp_min(0), x)
 
     def __repr__(self):
         return f"{type(self).__name__}(target_layers={len(self.target_layers)})"
@@ -357,5 +364,4 @@ class EigenCAM(_BaseCAM):
         acts = layer_activations(self.model, x, layer)
         if self.reshape_transform is not None:
             acts = self.reshape_transform(acts)
-        cam = _projection(acts).clamp_min(0)
-        return upsample_normalize(cam[:, None], tuple(x.shape[-2:]))[:, 0]
+        return _resized(_projection(acts).clamp_min(0), x)
