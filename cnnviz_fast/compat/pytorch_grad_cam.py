@@ -249,7 +249,7 @@ class _BaseCAM:
         if categories is not None and all(c is not None for c in categories):
             model, target = self.model, torch.tensor(categories, device=x.device)
         else:
-            model, target = _Scored(self.model, targets), 0
+            model, target = _Scored(self.model, targets).eval(), 0
         with self._recorded_output():
             maps = [self._layer_map(model, x, target, layer, eigen_smooth) for layer in self.target_layers]
         return scale_cam_image(torch.stack(maps, 1).clamp_min(0).mean(1))
