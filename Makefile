@@ -17,6 +17,8 @@ install-test: build-deps
 	# zennit requires torchvision, which cannot load against the CPU-only torch here;
 	# the tests give zennit a stand-in (tests/_peers.py).
 	$(PIP) install -q --no-deps "zennit>=0.5"
+	# pytorch-grad-cam likewise (its torchvision imports get a stand-in); it needs OpenCV and ttach.
+	$(PIP) install -q --no-deps "grad-cam==1.5.7" opencv-python-headless ttach
 
 test: install-test
 	$(PYTHON) -m pytest -q -ra
