@@ -433,8 +433,8 @@ class Occlusion(_Attribution):
                 or perturbations_per_eval < 1:
             raise ValueError(f"perturbations_per_eval: expected an int >= 1, got {perturbations_per_eval!r}")
         x = items[0]
-        window = _one(sliding_window_shapes, "sliding_window_shapes", is_tuple)
-        stride = 1 if strides is None else _one(strides, "strides", is_tuple)
+        window = _one(sliding_window_shapes, is_tuple)
+        stride = 1 if strides is None else _one(strides, is_tuple)
         if not (isinstance(window, tuple) and len(window) == 3):
             raise ValueError(f"sliding_window_shapes: expected (C, h, w) for [B, C, H, W] inputs, got {window!r}")
         if window[0] != x.shape[1]:
@@ -447,7 +447,7 @@ class Occlusion(_Attribution):
         if _batched(args):
             raise ValueError("additional_forward_args: Occlusion here batches copies of different examples "
                              "together, so batched tensor arguments are not supported")
-        base = _one(baselines, "baselines", is_tuple)
+        base = baselines[0] if is_tuple and isinstance(baselines, tuple) else baselines
         model = _module(self.forward_func, args)
         base = 0.0 if base is None else base
         if isinstance(base, torch.Tensor) and base.dim() == 4 and base.shape[0] not in (1, x.shape[0]):
@@ -457,8 +457,8 @@ class Occlusion(_Attribution):
         return _output_form([maps[:, None].expand_as(x).contiguous()], is_tuple)
 
 
-def _one(value, name, is_tuple):
-    """The single input's entry of a per-input argument (Captum passes tuples for tuple inputs)."""
+def _one(value, is_tuple):
+    """The single input's window or stride: Captum takes a tuple of them for tuple inputs."""
     if is_tuple and isinstance(value, tuple) and len(value) == 1 and not isinstance(value[0], int):
         return value[0]
     return value

@@ -620,9 +620,9 @@ def tsne(x: torch.Tensor, perplexity: float = 30.0, n_iter: int = 500, early_exa
          seed: int = 0, n_jobs: int = -1, **kwargs) -> torch.Tensor:
     """t-SNE map ``[N, 2]`` of ``x`` ``[N, D]`` through openTSNE (Policar et al. 2024;
     FFT-accelerated interpolation of Linderman et al. 2019, approximate neighbours), float32
-    on ``x``'s device (a numpy array in, as openTSNE takes it: a numpy array out). Defaults are openTSNE's (PCA initialization, learning rate N/12,
-    250 exaggerated + 500 normal iterations); ``kwargs`` go to ``openTSNE.TSNE``.
-    The computation itself runs on the CPU.
+    on ``x``'s device (a numpy array in, as openTSNE takes it: a numpy array out). Defaults
+    are openTSNE's (PCA initialization, learning rate N/12, 250 exaggerated + 500 normal
+    iterations); ``kwargs`` go to ``openTSNE.TSNE``. The computation itself runs on the CPU.
     """
     x, numpy_in = _as_tensor("x", x)
     check_tensor("x", x, ndim=2)
