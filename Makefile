@@ -36,6 +36,8 @@ $(STAMPS)/install-test: $(STAMPS)/build-deps $(BUILD_INPUTS)
 	$(PIP) install -q --no-deps "quantus==0.6.0"
 	# torch-lucent requires torchvision and kornia too; the tests give it stand-ins (tests/_peers.py).
 	$(PIP) install -q --no-deps "torch-lucent==0.1.8"
+	# pytorch-grad-cam likewise (its torchvision imports get a stand-in); it needs OpenCV and ttach.
+	$(PIP) install -q --no-deps "grad-cam==1.5.7" opencv-python-headless ttach
 	@mkdir -p $(@D) && touch $@
 
 test: install-test

@@ -40,7 +40,7 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=["cnnviz_fast", "cnnviz_fast.reference", "cnnviz_fast.models", "cnnviz_fast.explain", "cnnviz_fast.kernels",
-              "cnnviz_fast.metrics", "cnnviz_fast.synthesis"],
+              "cnnviz_fast.metrics", "cnnviz_fast.synthesis", "cnnviz_fast.compat"],
     package_data={"cnnviz_fast": ["weights/*.pt", "templates/*.html"]},
     ext_modules=[CMakeExtension("cnnviz_fast._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -60,6 +60,8 @@ def import_quantus():
         sys.modules["cv2"] = types.ModuleType("cv2")
     import_zennit()
     return importlib.import_module("quantus")
+
+
 def _install_lucent_stand_ins() -> None:
     """Lucent's ``optvis.transform`` imports ``torchvision.transforms.Normalize`` and kornia at
     module level; the agreement tests pass ``transforms=[]`` and ``preprocess=False``, so these
@@ -106,3 +108,41 @@ def import_lucent():
             importlib.import_module("lucent.optvis.objectives")
     except ImportError:  # one of its own imports (decorator, IPython) is missing: skip as absent
         return None
+
+
+def _install_torchvision_for_grad_cam() -> None:
+    """What pytorch-grad-cam 1.5.7 imports from torchvision at import time: transforms
+    (``Compose``, ``Normalize``, ``ToTensor``, ``functional.resize``) and ``ops.box_iou``. The
+    tests call none of them except ``box_iou`` (FasterRCNNBoxScoreTarget), given here by the
+    compat module's own, so the comparison is not with a copy of ourselves anywhere else."""
+    from cnnviz_fast.compat.pytorch_grad_cam import _box_iou
+
+    root = sys.modules["torchvision"]
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    ops = types.ModuleType("torchvision.ops")
+
+    def unavailable(*_args, **_kwargs):
+        raise RuntimeError("torchvision stand-in: not available in the tests")
+
+    transforms.Compose = transforms.Normalize = transforms.ToTensor = functional.resize = unavailable
+    transforms.functional, ops.box_iou = functional, _box_iou
+    root.transforms, root.ops = transforms, ops
+    sys.modules.update({"torchvision.transforms": transforms, "torchvision.transforms.functional": functional,
+                        "torchvision.ops": ops})
+
+
+def import_pytorch_grad_cam():
+    """The ``pytorch_grad_cam`` package, or None when it (or OpenCV / ttach, which it imports) is
+    not installed. Without a loadable torchvision a stand-in tree is put in place first."""
+    if any(importlib.util.find_spec(m) is None for m in ("pytorch_grad_cam", "cv2", "ttach")):
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        _install_torchvision_stand_in()
+    if getattr(sys.modules["torchvision"], "__cnnviz_stand_in__", False):
+        _install_torchvision_for_grad_cam()
+    return importlib.import_module("pytorch_grad_cam")

@@ -198,13 +198,18 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = T
     """
     module = resolve_layer(model, layer)
     acts, grads = _gradients(model, x, module, target, _last_linear(model))
+    return cam_combine(acts, _grad_cam_pp_weights(acts, grads), _out_size(size, x), relu, normalize, backend)
+
+
+def _grad_cam_pp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++'s channel weights ``[B, (k,) K]`` from activations ``[B, K, h, w]`` and target
+    gradients ``[B, (k,) K, h, w]`` (see ``grad_cam_pp``)."""
     sum_acts = acts.sum((2, 3))
     sum_acts = (sum_acts if grads.dim() == 4 else sum_acts[:, None])[..., None, None]
     g2 = grads * grads
     alpha = g2 / (2 * g2 + sum_acts * g2 * grads + _GRAD_CAM_PP_EPS)
     alpha = torch.where(grads != 0, alpha, 0)
-    weights = (alpha * torch.relu(grads)).sum((-2, -1))
-    return cam_combine(acts, weights, _out_size(size, x), relu, normalize, backend)
+    return (alpha * torch.relu(grads)).sum((-2, -1))
 
 
 @explanation

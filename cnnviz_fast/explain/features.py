@@ -153,12 +153,24 @@ def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64
 class Neighbours(NamedTuple):
     """distances: float32 ``[Q, k]`` (squared L2, or ``1 - cos`` for cosine), ascending;
     ids: int64 ``[Q, k]`` tensor (``-1`` where fewer than k were found) or, for string ids,
-    a list of Q lists of str (``None`` where missing). Both on the queries' device."""
+    a list of Q lists of str (``None`` where missing). Both on the queries' device; numpy arrays
+    (float32 and int64, as FAISS returns them) for numpy queries."""
     distances: torch.Tensor
     ids: object
 
 
+def _as_tensor(name: str, x):
+    """``x`` as a tensor (numpy arrays as FAISS, scikit-learn and openTSNE users pass them, viewed
+    without a copy) and whether it came as numpy, so results can go back as numpy."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(x)), True
+    return x, False
+
+
 def _as_float32_numpy(name: str, x, dim: int, cosine: bool) -> np.ndarray:
+    x, _ = _as_tensor(name, x)
     check_tensor(name, x, ndim=2)
     if x.shape[1] != dim:
         raise ValueError(f"{name}: expected vectors of dimension {dim}, got shape {tuple(x.shape)}")
@@ -261,10 +273,12 @@ class FeatureIndex:
         self._knob = int(value)
 
     # -- adding
-    def add(self, vectors: torch.Tensor, ids=None) -> "FeatureIndex":
-        """Add float ``[n, dim]`` vectors (any device; finite) with ``n`` ids: an int64 tensor,
-        a sequence of ints or of str, or None for the running positions."""
+    def add(self, vectors, ids=None) -> "FeatureIndex":
+        """Add float ``[n, dim]`` vectors (a tensor on any device or a numpy array; finite) with
+        ``n`` ids: an int64 tensor or array, a sequence of ints or of str, or None for the running
+        positions."""
         faiss = _require("faiss", "faiss-cpu")
+        vectors, _ = _as_tensor("vectors", vectors)
         x = _as_float32_numpy("vectors", vectors, self.dim, self.metric == "cosine")
         n = x.shape[0]
         new_ids, kind, fresh = self._check_ids(ids, n)
@@ -437,8 +451,10 @@ class FeatureIndex:
         self.measured_recall = results[best]
 
     # -- searching
-    def search(self, queries: torch.Tensor, k: int = 10) -> Neighbours:
-        """The ``k`` nearest stored vectors of each query row ``[Q, dim]`` (finite floats)."""
+    def search(self, queries, k: int = 10) -> Neighbours:
+        """The ``k`` nearest stored vectors of each query row ``[Q, dim]`` (finite floats; a tensor,
+        or a numpy array as FAISS takes them, which gives numpy ``distances`` and int ``ids``)."""
+        queries, numpy_in = _as_tensor("queries", queries)
         n = len(self)
         if n == 0:
             raise ValueError("search: the index is empty; add vectors first")
@@ -455,10 +471,12 @@ class FeatureIndex:
             dist = dist / 2
         dist = dist.masked_fill(missing, float("inf")).to(queries.device)
         table = self._id_table()
+        if numpy_in:
+            dist = dist.numpy()
         if self._id_kind == "str":
             return Neighbours(dist, [[table[p] if p >= 0 else None for p in row] for row in pos.tolist()])
         ids = np.where(pos >= 0, table[np.maximum(pos, 0)], -1)
-        return Neighbours(dist, torch.from_numpy(ids).to(queries.device))
+        return Neighbours(dist, ids if numpy_in else torch.from_numpy(ids).to(queries.device))
 
     def _id_table(self):
         if self._id_kind == "str":
@@ -554,7 +572,8 @@ def _drop_self(neighbours: np.ndarray, rows: np.ndarray, k: int) -> list:
 # ----------------------------------------------------------------------------- 2-D maps
 
 def pca(x: torch.Tensor, n: int = 2, method: str = "auto", seed: int = 0) -> torch.Tensor:
-    """Principal-component scores ``[N, n]`` of ``x`` ``[N, D]``, on ``x``'s device and dtype.
+    """Principal-component scores ``[N, n]`` of ``x`` ``[N, D]``, on ``x``'s device and dtype
+    (a numpy array in, as scikit-learn takes it: a numpy array out).
 
     Scores are ``(x - mean) @ V[:, :n]`` with V from the SVD of the centred data, as
     scikit-learn's ``PCA(n).fit_transform`` (signs fixed so each component's largest
@@ -563,6 +582,7 @@ def pca(x: torch.Tensor, n: int = 2, method: str = "auto", seed: int = 0) -> tor
     ``n + 10`` columns, 4 power iterations) or ``"auto"`` (randomized when
     ``min(N, D) > 500`` and ``n < 0.8 min(N, D)``, scikit-learn's rule).
     """
+    x, numpy_in = _as_tensor("x", x)
     check_tensor("x", x, ndim=2)
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'randomized', got {method!r}")
@@ -584,17 +604,19 @@ def pca(x: torch.Tensor, n: int = 2, method: str = "auto", seed: int = 0) -> tor
             _, _, v = torch.svd_lowrank(x, q=min(n + 10, rows, cols), niter=4, M=mean)
         v = v[:, :n]
     signs = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
-    return (x - mean) @ (v * signs)
+    scores = (x - mean) @ (v * signs)
+    return scores.numpy() if numpy_in else scores
 
 
 def tsne(x: torch.Tensor, perplexity: float = 30.0, n_iter: int = 500, early_exaggeration_iter: int = 250,
          seed: int = 0, n_jobs: int = -1, **kwargs) -> torch.Tensor:
     """t-SNE map ``[N, 2]`` of ``x`` ``[N, D]`` through openTSNE (Policar et al. 2024;
     FFT-accelerated interpolation of Linderman et al. 2019, approximate neighbours), float32
-    on ``x``'s device. Defaults are openTSNE's (PCA initialization, learning rate N/12,
-    250 exaggerated + 500 normal iterations); ``kwargs`` go to ``openTSNE.TSNE``.
-    The computation itself runs on the CPU.
+    on ``x``'s device (a numpy array in, as openTSNE takes it: a numpy array out). Defaults
+    are openTSNE's (PCA initialization, learning rate N/12, 250 exaggerated + 500 normal
+    iterations); ``kwargs`` go to ``openTSNE.TSNE``. The computation itself runs on the CPU.
     """
+    x, numpy_in = _as_tensor("x", x)
     check_tensor("x", x, ndim=2)
     if x.shape[0] < 4:
         raise ValueError(f"x: t-SNE needs at least 4 points, got {x.shape[0]}")
@@ -609,4 +631,5 @@ def tsne(x: torch.Tensor, perplexity: float = 30.0, n_iter: int = 500, early_exa
     model = openTSNE.TSNE(n_components=2, perplexity=perplexity, n_iter=n_iter,
                           early_exaggeration_iter=early_exaggeration_iter, random_state=seed, n_jobs=n_jobs,
                           negative_gradient_method="fft", **kwargs)
-    return torch.as_tensor(np.asarray(model.fit(data)), dtype=torch.float32).to(x.device)
+    points = np.asarray(model.fit(data), dtype=np.float32)
+    return points if numpy_in else torch.from_numpy(points).to(x.device)
