@@ -16,6 +16,8 @@ from .explain.occlusion import occlusion
 from .explain.patches import Patches, crop_patches, patch_grid
 from .explain.receptive import ReceptiveField, receptive_field
 from .ops import cam_combine, channel_topk_update, upsample_normalize
+from .pipeline import explain_dataset, register_method
+from .store import open_results
 
 __version__ = "0.1.0"
 
@@ -35,4 +37,6 @@ __all__ = [
     "patch_grid", "Patches",
     # feature space
     "Embeddings", "FeatureIndex", "Neighbours", "embed", "pca", "tsne", "embedding_plot", "neighbours_grid",
+    # datasets into a result store
+    "explain_dataset", "register_method", "open_results",
 ]

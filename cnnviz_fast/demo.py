@@ -3,6 +3,7 @@ written as PNG overlays and one self-contained ``report.html``."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,8 +12,8 @@ from tqdm import tqdm
 from ._hooks import capture
 from .models import SHAPES_CNN_CAM_LAYER as CAM_LAYER
 from .ops import upsample_normalize
-from .report import Report
-from .viz import image_grid, overlay, save_image
+from .report import _READING, Column, Report, Row
+from .viz import SIGNED_CMAP, UNSIGNED_CMAP, heat_overlay, image_grid, save_image
 
 
 def _activation_map(model, x, target):
@@ -23,20 +24,22 @@ def _activation_map(model, x, target):
 
 
 def _heatmap(attributions):
-    """[B, C, H, W] input attributions -> [B, H, W] in [0, 1]: max |attribution| over channels,
-    min-max normalized per image."""
+    """[B, C, H, W] input attributions -> [B, H, W]: max |attribution| over channels (the report
+    scales and clips it with Captum's 2% outlier rule)."""
     from . import to_map
 
-    heat = to_map(attributions, "max_abs")[:, None]
-    return upsample_normalize(heat, heat.shape[-2:])[:, 0]
+    return to_map(attributions, "max_abs")
 
 
 def _signed_heatmap(attributions):
-    """Positive evidence only (sum over channels, clamped at 0), for relevance methods."""
+    """[B, C, H, W] -> [B, H, W] signed channel sum: evidence for (> 0) and against (< 0)."""
     from . import to_map
 
-    heat = to_map(attributions, "sum").clamp(min=0)[:, None]
-    return upsample_normalize(heat, heat.shape[-2:])[:, 0]
+    return to_map(attributions, "sum")
+
+
+# Methods whose maps keep a sign: drawn on a diverging colour map.
+_SIGNED = {"occlusion", "smoothgrad", "integrated_gradients", "deeplift", "lrp"}
 
 
 def _methods():
@@ -53,14 +56,14 @@ def _methods():
         ("layer_cam", "LayerCAM (Jiang et al. 2021)", lambda m, x, t: layer_cam(m, x, t, CAM_LAYER)),
         ("score_cam", "Score-CAM (Wang et al. 2020)", lambda m, x, t: score_cam(m, x, t, CAM_LAYER)),
         ("occlusion", "occlusion (Zeiler & Fergus 2014), 8 px window, stride 4, incremental inference",
-         lambda m, x, t: upsample_normalize(occlusion(m, x, t, window=8, stride=4, mode="incremental")[:, None],
-                                            x.shape[-2:])[:, 0]),
+         lambda m, x, t: occlusion(m, x, t, window=8, stride=4, mode="incremental")),
         ("saliency", "vanilla gradient (Simonyan et al. 2014)", lambda m, x, t: _heatmap(saliency(m, x, t))),
         ("guided_backprop", "guided backpropagation (Springenberg et al. 2015)",
          lambda m, x, t: _heatmap(guided_backprop(m, x, t))),
         ("deconvnet", "deconvnet (Zeiler & Fergus 2014)", lambda m, x, t: _heatmap(deconvnet(m, x, t))),
-        ("smoothgrad", "SmoothGrad (Smilkov et al. 2017), 25 samples, noise 0.15",
-         lambda m, x, t: _heatmap(smoothgrad(m, x, t, n_samples=25, generator=torch.Generator().manual_seed(0)))),
+        ("smoothgrad", "SmoothGrad (Smilkov et al. 2017), signed mean gradient, 25 samples, noise 0.15",
+         lambda m, x, t: _signed_heatmap(smoothgrad(m, x, t, n_samples=25, method=partial(saliency, abs=False),
+                                                    generator=torch.Generator().manual_seed(0)))),
         ("integrated_gradients", "Integrated Gradients (Sundararajan et al. 2017), black baseline, 32 steps",
          lambda m, x, t: _signed_heatmap(integrated_gradients(m, x, t, steps=32))),
         ("deeplift", "DeepLIFT rescale (Shrikumar et al. 2017), black baseline",
@@ -82,21 +85,31 @@ def run_demo(out, n_images: int = 8, progress: bool = True) -> Path:
     data = shapes(n_images, seed=1)
     x = data.images
     with torch.no_grad():
-        pred = model(x).argmax(1)
+        probs, pred = model(x).softmax(1).max(1)
     names = [data.class_names[i] for i in pred.tolist()]
     accuracy = (pred == data.labels).float().mean().item()
     report = Report("cnnviz-fast demo",
-                    intro="Each figure: the held-out shapes images (top row) and the method's "
-                          "heatmap for the predicted class over them (bottom row).",
+                    intro="Rows: held-out shapes images, with the true class and the model's prediction under "
+                          "each. Columns: every method's map for the predicted class. Click a tile to enlarge it. "
+                          "Signed maps (red for the class, blue against it) are scaled per image with Captum's "
+                          "2% outlier rule; the others run from low (blue) to high (red).",
                     facts={"model": "shapes_cnn (embedded default)", "images": n_images,
-                           "predicted": ", ".join(names), "accuracy on these images": f"{accuracy:.0%}"})
+                           "accuracy on these images": f"{accuracy:.0%}"})
+    columns, pictures = [], []
     for name, description, method in tqdm(_methods(), desc="methods", disable=not progress):
         start = time.perf_counter()
         heat = method(model, x, pred)
         seconds = time.perf_counter() - start
-        grid = image_grid(torch.cat([x, overlay(x, heat)]), nrow=n_images)
-        save_image(grid, out / f"{name}.png")
-        report.add(name, grid, f"{description} ({seconds * 1e3:.0f} ms for {n_images} images)")
+        signed = name in _SIGNED
+        picture = heat_overlay(x, heat, signed)
+        save_image(image_grid(torch.cat([x, picture]), nrow=n_images), out / f"{name}.png")
+        pictures.append(picture)
+        columns.append(Column(name, f"{description}, {seconds * 1e3:.0f} ms for {n_images} images. "
+                                    f"{_READING[name]}", SIGNED_CMAP if signed else UNSIGNED_CMAP,
+                              ("against", "for") if signed else ("low", "high")))
+    rows = [Row(x[i], (f"true: {data.class_names[data.labels[i]]}",
+                       f"pred: {names[i]} ({probs[i]:.0%})"), [p[i] for p in pictures]) for i in range(n_images)]
+    report.add_grid("Every method, side by side", columns, rows)
     _add_investigation(model, report, out, progress)
     return report.write(out / "report.html")
 

@@ -20,7 +20,9 @@ def test_demo_writes_pngs_and_a_self_contained_report(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     heatmaps = [f"{name}.png" for name, _, _ in _methods()]
     assert pngs == sorted(heatmaps + ["embedding_pca.png", "top_k_patches.png"])
-    assert html.count("data:image/png;base64,") == len(pngs) >= 1
+    # the grid: every input and every method's tile for it, plus the two investigation figures
+    assert html.count("data:image/png;base64,") == 3 * (1 + len(heatmaps)) + 2
+    assert "deconvnet</b>" in html and "checkerboard" in html and "true: " in html and "pred: " in html
     assert "src='http" not in html and not list(tmp_path.glob("*.tmp"))
 
 
