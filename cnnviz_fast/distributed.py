@@ -1,4 +1,4 @@
-"""Scale-out on Ray Data: top-k patches, embeddings (and explanations) over a ``ray.data.Dataset``.
+"""Scale-out on Ray Data: explanations, top-k patches and embeddings over a ``ray.data.Dataset``.
 
 Ray Data's batch-inference pattern: a callable class per actor builds the model once in
 ``__init__`` (``model_fn()``, so weights never travel with each task) and runs one batch in
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -231,3 +233,114 @@ def load_embeddings(out) -> Embeddings:
     ids = torch.cat([i for _, i in parts])
     order = torch.argsort(ids)
     return Embeddings(vectors[order], ids[order])
+
+
+# ----------------------------------------------------------------------------- explanations
+
+def dataset_items(ds):
+    """The images a Ray Dataset lists, as ``explain_dataset`` numbers them: its ``path`` column
+    sorted (as an image folder's files are), with its ``label`` column (ints) if any."""
+    from .pipeline import ExplainError, _Data
+    names = ds.schema().names
+    if "path" not in names:
+        raise ExplainError(f"--data: the Ray Dataset needs a 'path' column (read_images(..., include_paths=True) "
+                           f"or from_items of paths); it has {names}")
+    columns = ["path"] + (["label"] if "label" in names else [])
+    rows = sorted(ds.select_columns(columns).take_all(), key=lambda r: Path(r["path"]))
+    if not rows:
+        raise ExplainError("--data: the Ray Dataset is empty")
+    keys = [str(r["path"]) for r in rows]
+    labels = [int(r["label"]) if "label" in r and r["label"] is not None else -1 for r in rows]
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    return _Data(keys, labels, source=f"ray.data.Dataset of {len(keys)} paths (sha256 {digest})")
+
+
+class _ExplainActor:
+    """Builds the run's model once, then explains whole shards: decodes a shard's images (the
+    same ``_Decoded`` as ``explain_dataset``), runs them in the same batches through
+    ``_Run.explain`` and writes the shard atomically, so a retried shard rewrites its file."""
+
+    def __init__(self, spec: dict):
+        from .pipeline import _Run, load_model
+        loaded = load_model(spec["model"], spec["weights"])
+        if loaded.hash != spec["hash"]:
+            raise RuntimeError("model_fn: built a model with other weights in the actor than on the driver; "
+                               "it must build the same weights on every call")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.spec, self.logger = spec, logging.getLogger("cnnviz_fast.distributed")
+        self.run = _Run(loaded.module.to(device), loaded, spec["items"], spec["methods"], spec["metric_fns"],
+                        spec["metric_steps"], spec["mean"].to(device), spec["std"].to(device), spec["target"],
+                        spec["k"], spec["store_dtype"], spec["overlay_root"], spec["probe"].to(device))
+        self.run.repeat_probe()
+
+    def __call__(self, batch: dict) -> dict:
+        return {"shard": batch["shard"], "images": np.array([self._shard(int(s)) for s in batch["shard"]])}
+
+    def _shard(self, number: int) -> int:
+        from .pipeline import _collate, _Decoded, _ShardBuffer
+        spec = self.spec
+        n, size, step = len(spec["items"].keys), spec["shard_size"], spec["batch_size"]
+        positions = list(range(number * size, min(n, (number + 1) * size)))
+        decoded = _Decoded(spec["items"], positions, spec["size"], spec["crop"])
+        shard = _ShardBuffer(number)
+        for start in range(0, len(positions), step):
+            batch = _collate([decoded[i] for i in range(start, min(start + step, len(positions)))])
+            self.run.explain(shard, self.logger, *batch[:3])
+        shard.flush(spec["writer"], self.logger)
+        return len(positions)
+
+
+def explain_shards_ray(address, writer, logger, run, job: dict, num_actors: int, num_gpus_per_actor: float,
+                       progress: bool) -> None:
+    """``explain_dataset``'s loop on Ray: every shard not yet on disk becomes one task of an
+    actor pool (``_ExplainActor``); the driver only counts what comes back."""
+    ray = _ray()
+    if not ray.is_initialized():
+        # "auto": a cluster `ray start` began on this machine (or RAY_ADDRESS), else a local one
+        ray.init(address=None if address == "auto" else address)
+    from tqdm import tqdm
+
+    from .store import shard_path
+    n = len(run.items.keys)
+    todo = [s for s in range(math.ceil(n / job["shard_size"])) if not shard_path(writer.root, s).is_file()]
+    logger.info("explain on Ray: %d of %d shards to do, %d actors", len(todo),
+                math.ceil(n / job["shard_size"]), num_actors)
+    if not todo:
+        return
+    spec = dict(job, hash=run.loaded.hash, items=run.items, methods=run.methods, metric_fns=run.metric_fns,
+                metric_steps=run.metric_steps, target=run.target, k=run.k, store_dtype=run.store_dtype,
+                overlay_root=run.overlay_root, mean=run.mean_t.cpu(), std=run.std_t.cpu(), probe=run.probe.cpu(),
+                writer=writer)
+    shards = ray.data.from_items([{"shard": s} for s in todo])
+    done = _map(shards, _ExplainActor, {"spec": spec}, 1, num_actors, num_gpus_per_actor)
+    with tqdm(total=n, initial=n - sum(min(n, (s + 1) * job["shard_size"]) - s * job["shard_size"] for s in todo),
+              unit="img", desc="explain (ray)", disable=not progress) as bar:
+        for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
+            for number, count in zip(batch["shard"], batch["images"]):
+                logger.info("shard %05d: %d images (Ray)", number, count)
+                bar.update(int(count))
+
+
+def explain_dataset_ray(ds, model_fn, methods, *, out, batch_size: int = 32, num_actors: int = 1,
+                        num_gpus_per_actor: float = 0, **options):
+    """``explain_dataset`` over the images a Ray Dataset lists, on an actor pool: the same
+    store (shards, ``index.parquet``, ``manifest.json``), readable by ``open_results``, with
+    the same resume rule (complete shards are skipped; another configuration is refused).
+
+    ds: a ``ray.data.Dataset`` with a ``path`` column (``ray.data.read_images(root,
+    include_paths=True)``, or ``ray.data.from_items([{"path": p, "label": y}, ...])``) and
+    an optional int ``label`` column. Images are numbered by sorted path, as ``cnnviz
+    explain`` numbers a folder's files, and decoded in the actors from their paths with the
+    same code (resize, centre crop), so ``out`` must be on storage every node sees.
+    model_fn: a picklable function returning the model with its weights, called on the
+    driver (which checks the methods on it) and once per actor; the weights must be the
+    same on every call (checked by hash). methods, out, batch_size and ``options`` (target,
+    top_k, size, crop, mean, std, dtype, shard_size, metrics, overlays, overwrite, report,
+    progress, ...): as ``explain_dataset``. Every shard runs in the batches the
+    single-process run uses, through the same batch step, so the maps are the same.
+    Ray must be initialized (``ray.init(...)``), or a local instance is started.
+    Returns ``Results``.
+    """
+    from .pipeline import explain_dataset
+    return explain_dataset(ds, out, methods, model=model_fn, batch_size=batch_size, ray="auto",
+                           num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor, **options)
