@@ -18,6 +18,11 @@ scaled to [0, 1]; or float ``[C, H, W]`` arrays, taken as they are) and an integ
 (``id``, >= 0). Without an id column, a ``path`` column (``read_images(...,
 include_paths=True)``) gives each image the rank of its path among the sorted paths as id.
 
+Each actor takes one CPU (plus ``num_gpus_per_actor`` GPUs): on a machine where the actors
+take every CPU, a dataset that still has to be read (``read_images``) finds no CPU for its
+read tasks and waits forever; keep ``num_actors`` below the CPU count there, or read first
+(``ds.materialize()``).
+
 Ray is imported inside the functions: ``import cnnviz_fast`` never imports it
 (``pip install cnnviz-fast[ray]`` brings ``ray[data]``).
 """
@@ -313,8 +318,8 @@ def explain_shards_ray(address, writer, logger, run, job: dict, num_actors: int,
                 writer=writer)
     shards = ray.data.from_items([{"shard": s} for s in todo])
     done = _map(shards, _ExplainActor, {"spec": spec}, 1, num_actors, num_gpus_per_actor)
-    with tqdm(total=n, initial=n - sum(min(n, (s + 1) * job["shard_size"]) - s * job["shard_size"] for s in todo),
-              unit="img", desc="explain (ray)", disable=not progress) as bar:
+    left = sum(min(n, (s + 1) * job["shard_size"]) - s * job["shard_size"] for s in todo)
+    with tqdm(total=n, initial=n - left, unit="img", desc="explain (ray)", disable=not progress) as bar:
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
             for number, count in zip(batch["shard"], batch["images"]):
                 logger.info("shard %05d: %d images (Ray)", number, count)
