@@ -48,28 +48,35 @@ class MethodSpec:
     ``f(model, x, target, **params)``. output: ``"map"`` (already ``[B, (k,) H, W]``),
     ``"max_abs"`` / ``"sum"`` (an input attribution ``[B, (k,) C, H, W]`` reduced over channels
     by ``to_map``). signed: maps keep a sign (reports draw them on a diverging colour map).
+    one_forward: the method runs the model once on the clean batch and takes a callable target,
+    so with ``--target pred --top-k 1`` its forward pass also gives the predictions (no extra
+    forward pass per batch).
     """
     function: object
     output: str = "map"
     signed: bool = False
+    one_forward: bool = False
 
 
 METHODS = {
-    "cam": MethodSpec("cam"), "grad_cam": MethodSpec("grad_cam"), "grad_cam_pp": MethodSpec("grad_cam_pp"),
-    "layer_cam": MethodSpec("layer_cam"), "score_cam": MethodSpec("score_cam"),
+    "cam": MethodSpec("cam", one_forward=True), "grad_cam": MethodSpec("grad_cam", one_forward=True),
+    "grad_cam_pp": MethodSpec("grad_cam_pp", one_forward=True), "layer_cam": MethodSpec("layer_cam", one_forward=True),
+    "score_cam": MethodSpec("score_cam"),
     "occlusion": MethodSpec("occlusion", signed=True),
-    "saliency": MethodSpec("saliency", "max_abs"), "guided_backprop": MethodSpec("guided_backprop", "max_abs"),
-    "deconvnet": MethodSpec("deconvnet", "max_abs"), "smoothgrad": MethodSpec("smoothgrad", "max_abs"),
+    "saliency": MethodSpec("saliency", "max_abs", one_forward=True),
+    "guided_backprop": MethodSpec("guided_backprop", "max_abs", one_forward=True),
+    "deconvnet": MethodSpec("deconvnet", "max_abs", one_forward=True), "smoothgrad": MethodSpec("smoothgrad", "max_abs"),
     "integrated_gradients": MethodSpec("integrated_gradients", "sum", signed=True),
     "deeplift": MethodSpec("deeplift", "sum", signed=True), "lrp": MethodSpec("lrp", "sum", signed=True),
 }
 
 
-def register_method(name: str, function, output: str = "map", signed: bool = False) -> None:
+def register_method(name: str, function, output: str = "map", signed: bool = False,
+                    one_forward: bool = False) -> None:
     """Make ``name`` usable as ``--method name[:key=value,...]`` (see ``MethodSpec``)."""
     if output not in ("map", "max_abs", "sum"):
         raise ValueError(f"output: expected 'map', 'max_abs' or 'sum', got {output!r}")
-    METHODS[name] = MethodSpec(function, output, signed)
+    METHODS[name] = MethodSpec(function, output, signed, one_forward)
 
 
 # ----------------------------------------------------------------------------- models
@@ -584,7 +591,7 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
     k = top_k if target == "pred" else 1
     for m in resolved:
         try:
-            _run_method(m, net, probe, torch.zeros(len(probe), k, dtype=torch.long, device=device))
+            _run_method(m, net, probe[:1], torch.zeros(1, k, dtype=torch.long, device=device))
         except Exception as err:
             raise ExplainError(f"--method {m.name}: {type(err).__name__}: {err}") from err
 
@@ -681,6 +688,10 @@ def _finish(writer, logger, run: _Run, n: int, run_start: float, report: bool):
     if report:
         from .report import results_report
         results_report(results).write(writer.root / "report.html")
+    for handler in list(logger.handlers):  # the log file is closed with the run
+        logger.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
     return results
 
 
@@ -728,8 +739,19 @@ def _thumbnails(x01: torch.Tensor) -> torch.Tensor:
 def _explain_batch(shard, net, loaded, items, methods, metric_fns, metric_steps, positions, x01, mean_t, std_t,
                    target, k, store_dtype, overlay_root):
     x = (x01 - mean_t) / std_t
-    with torch.no_grad():
-        probs = net(x).float().softmax(1)
+    done = {}
+    logits = None
+    if target == "pred" and k == 1 and methods[0].spec.one_forward:
+        picker = _Predicted()
+        done[methods[0].name] = _timed(shard, methods[0], net, x, picker)
+        if len(picker.outputs) == 1 and picker.outputs[0].shape[0] == len(x):
+            logits = picker.outputs[0]
+        else:  # the method split the batch: redo it with fixed targets below
+            done.clear()
+    if logits is None:
+        with torch.no_grad():
+            logits = net(x)
+    probs = logits.float().softmax(1)
     score, pred = probs.max(1)
     if target == "pred":
         targets = probs.topk(k, dim=1).indices
@@ -741,11 +763,7 @@ def _explain_batch(shard, net, loaded, items, methods, metric_fns, metric_steps,
     shard.inputs.append(_thumbnails(x01))
     metric_values = {}
     for m in methods:
-        start = time.perf_counter()
-        maps = _run_method(m, net, x, targets)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        shard.seconds[m.name] = shard.seconds.get(m.name, 0.0) + time.perf_counter() - start
+        maps = done[m.name] if m.name in done else _timed(shard, m, net, x, targets)
         shard.maps.setdefault(m.name, []).append(maps.flatten(0, 1).to(store_dtype).cpu())
         for metric, fn in metric_fns.items():
             aucs = [torch.as_tensor(fn(net, x, targets[:, j], maps[:, j], steps=metric_steps)[1]).float().cpu()
@@ -759,6 +777,27 @@ def _explain_batch(shard, net, loaded, items, methods, metric_fns, metric_steps,
             "score": float(score[i]), "targets": targets[i].tolist(), "target_scores": target_scores[i].tolist(),
             **({"metrics": {name: {metric: v[i] for metric, v in per.items()} for name, per in
                             metric_values.items()}} if metric_values else {})})
+
+
+class _Predicted:
+    """A callable target: each sample's top class, with the outputs it saw kept, so that a
+    method's own forward pass gives the predictions."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __call__(self, output):
+        self.outputs.append(output.detach())
+        return output.gather(1, output.detach().argmax(1, keepdim=True))[:, 0]
+
+
+def _timed(shard, method, net, x, target) -> torch.Tensor:
+    start = time.perf_counter()
+    maps = _run_method(method, net, x, target)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    shard.seconds[method.name] = shard.seconds.get(method.name, 0.0) + time.perf_counter() - start
+    return maps
 
 
 def _write_overlays(folder: Path, signed: bool, x01, maps, positions, items) -> None:

@@ -97,7 +97,8 @@ class Table:
         head = "".join(f"<th>{_esc(h)}</th>" for h in self.header)
         body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in self.rows)
         note = f"<p class='caption'>{_esc(self.note)}</p>" if self.note else ""
-        return f"<section><h2>{_esc(self.title)}</h2><table class='data'><tr>{head}</tr>{body}</table>{note}</section>"
+        return (f"<section><h2>{_esc(self.title)}</h2><div class='wide'><table class='data'><tr>{head}</tr>{body}"
+                f"</table></div>{note}</section>")
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Report:
                 f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
                 f"<link rel='icon' href='data:,'><title>{_esc(self.title)}</title><style>{_CSS}</style></head>"
                 f"<body><main><h1>{_esc(self.title)}</h1><p class='intro'>{_esc(self.intro)}</p>"
-                f"<table class='facts'>{facts}</table>{sections}</main>"
+                f"<div class='wide'><table class='facts'>{facts}</table></div>{sections}</main>"
                 f"<div id='zoom' hidden></div>"
                 f"<script>{_JS}</script></body></html>")
 
@@ -162,7 +163,8 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;color:#1
 main{max-width:1500px;margin:0 auto;padding:1.5em}
 h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .5em}
 .intro,.caption{color:#4a5560;max-width:70em}
-table.facts,table.data{border-collapse:collapse;margin:1em 0;background:#fff}
+table.facts,table.data{border-collapse:collapse;margin:1em 0;background:#fff;max-width:100%}
+.facts td,.data td{overflow-wrap:anywhere}.wide{overflow-x:auto}
 .facts th,.facts td,.data th,.data td{padding:.3em .9em;text-align:left;border-bottom:1px solid #e4e7eb;
  font-variant-numeric:tabular-nums}
 img.figure{max-width:100%;border:1px solid #dde1e6;background:#fff}
@@ -186,7 +188,7 @@ img.tile:hover{transform:scale(1.06);box-shadow:0 2px 8px rgba(0,0,0,.25)}
 #zoom[hidden]{display:none}
 #zoom img{width:min(80vw,80vh);height:min(80vw,80vh);object-fit:contain;image-rendering:pixelated;background:#fff}
 #zoom figcaption{color:#fff;text-align:center;margin-top:.5em}
-@media (max-width:700px){main{padding:.6em}img.tile{width:96px;height:96px}.grid th{min-width:96px}}
+@media (max-width:700px){main{padding:.6em}.facts th,.facts td,.data th,.data td{padding:.3em .4em}img.tile{width:96px;height:96px}.grid th{min-width:96px}}
 """
 
 _JS = """

@@ -15,6 +15,7 @@ import torch
 import cnnviz_fast as cf
 from cnnviz_fast.cli import main
 from cnnviz_fast.data import shapes
+from cnnviz_fast.models import shapes_cnn
 from cnnviz_fast.viz import save_image
 from tests._explain_models import tiny
 
@@ -54,7 +55,7 @@ def test_embedded_model_folder_end_to_end(folder, tmp_path, capsys):
     assert len(index) == 24 and set(index["method"]) == {"grad_cam", "saliency"}
     assert (index["height"] == 64).all() and (index["width"] == 64).all()
     # folder names are the default model's classes, so labels are its class indices
-    model = cf.models.shapes_cnn()
+    model = shapes_cnn()
     names = model.class_names
     assert all(names[lab] == Path(p).parent.name for p, lab in zip(index["path"], index["label"]))
     skipped = res.manifest["skipped"]
