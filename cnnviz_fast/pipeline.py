@@ -665,9 +665,8 @@ class _Run:
         CPU kernels can round differently in the last bit (seen with integrated_gradients)."""
         with torch.no_grad():
             self.net(self.probe)
-        for m in self.methods:
-            _run_method(m, self.net, self.probe, torch.zeros(len(self.probe), self.k, dtype=torch.long,
-                                                             device=self.probe.device))
+        for m in self.methods:  # as explain_dataset's probe runs them
+            _run_method(m, self.net, self.probe[:1], torch.zeros(1, self.k, dtype=torch.long, device=self.probe.device))
 
     def explain(self, shard, logger, positions, x01, bad) -> None:
         """One decoded batch (``_collate``'s output) into ``shard``."""
