@@ -71,7 +71,7 @@ def _id_lookup(ds, id_column: str, image_column: str):
     if "path" not in names:
         raise ValueError(f"id_column: the dataset has no column {id_column!r} and no 'path' column to "
                          f"number the images by (columns: {names})")
-    return {p: i for i, p in enumerate(sorted(ds.unique("path")))}
+    return {p: i for i, p in enumerate(sorted(ds.unique("path"), key=Path))}  # as dataset_items numbers them
 
 
 class _Rows:
