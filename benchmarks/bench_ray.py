@@ -8,7 +8,8 @@ Ray's per-batch overhead, in one run.
 - ``wall``: the whole call, actor start-up included (Ray starts a fresh actor pool for
   every dataset it runs); ``steady``: the same call's images after the first batch over its
   time after a one-batch run of the same call, i.e. throughput with start-up taken out;
-- overhead: the same three on a 1x1-conv model over 8x8 images, where the model costs
+- a single-process row on one thread too (each actor runs one thread);
+- overhead: the same rows on a 1x1-conv model over 8x8 images, where the model costs
   nothing: the difference of Ray's and the single process's time per batch is what Ray
   adds to each batch (scheduling, object store, the state each batch sends back).
 
@@ -83,6 +84,15 @@ def main():
         base_rate = n / (base["p50_ms"] / 1e3)   # the driver has no start-up: wall rate = steady rate
         base.update(images_per_s=base_rate, steady_images_per_s=base_rate,
                     per_batch_ms=base["p50_ms"] / (n / bs))
+        # one thread, as each actor has: on a CPU shared by more processes than cores, two
+        # OpenMP threads wait on each other (see tests/_single_thread.py)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        one = table.add(case, "single (1 thread)", lambda: top_k_patches(
+            model_fn(), x, layers, k=9, batch_size=bs, progress=False), once=True)
+        torch.set_num_threads(threads)
+        one.update(images_per_s=n / (one["p50_ms"] / 1e3), steady_images_per_s=n / (one["p50_ms"] / 1e3),
+                   per_batch_ms=one["p50_ms"] / (n / bs), steady_vs_single=base["p50_ms"] / one["p50_ms"])
         for actors in (1, 2):
             got = {}
 
