@@ -79,7 +79,8 @@ def explain(args) -> int:
             batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, overlays=args.overlays,
             metrics=[m for m in (args.metrics or "").split(",") if m], metric_steps=args.metric_steps,
             workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
-            command=shlex.join(["cnnviz", "explain", *args.argv]))
+            command=shlex.join(["cnnviz", "explain", *args.argv]), ray=args.ray, num_actors=args.num_actors,
+            num_gpus_per_actor=args.gpus_per_actor)
     except (ExplainError, StoreError, ImportError) as err:
         return _fail("explain", err, args.debug)
     except Exception as err:  # the work itself failed: exit 1, still one line unless --debug
@@ -134,6 +135,10 @@ def _explain_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a store of a different configuration")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    p.add_argument("--ray", metavar="auto|ADDRESS", help="run the shards on a Ray cluster: auto (the cluster "
+                                                         "`ray start` began here, else a local one) or its address")
+    p.add_argument("--num-actors", type=int, default=1, help="with --ray: model replicas (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="with --ray: GPUs per replica (default 0)")
     p.set_defaults(func=explain)
     s = sub.add_parser("show", help="write a result store's report.html again",
                        epilog="example: cnnviz show results/")

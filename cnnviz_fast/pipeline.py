@@ -68,6 +68,8 @@ METHODS = {
     "deconvnet": MethodSpec("deconvnet", "max_abs", one_forward=True), "smoothgrad": MethodSpec("smoothgrad", "max_abs"),
     "integrated_gradients": MethodSpec("integrated_gradients", "sum", signed=True),
     "deeplift": MethodSpec("deeplift", "sum", signed=True), "lrp": MethodSpec("lrp", "sum", signed=True),
+    # models with a ScouterHead (cnnviz_fast.models:shapes_scouter): evidence for (SCOUTER+) or against (SCOUTER-)
+    "scouter": MethodSpec("scouter_explain"),
 }
 
 
@@ -122,9 +124,10 @@ def _load_state_dict(path: Path) -> dict:
     return state
 
 
-def load_model(spec: str | None = None, weights=None) -> _Model:
+def load_model(spec=None, weights=None) -> _Model:
     """The model of ``spec``: None (the embedded default), ``package.module:function``, a
-    TorchScript archive or a ``torch.export`` program (``.pt2``); ``weights`` a state_dict file."""
+    TorchScript archive, a ``torch.export`` program (``.pt2``) or a function returning the
+    module (``explain_dataset_ray``'s ``model_fn``); ``weights`` a state_dict file."""
     if spec is None:
         if weights is not None:
             raise ExplainError("--weights: needs --model (the default model has its own weights)")
@@ -132,8 +135,10 @@ def load_model(spec: str | None = None, weights=None) -> _Model:
         model = shapes_cnn()
         return _Model(model, "default", _tensor_hash(model.state_dict()), 64, 64, (0.0, 0.0, 0.0),
                       (1.0, 1.0, 1.0), model.class_names, SHAPES_CNN_CAM_LAYER)
-    path = Path(spec)
-    if path.suffix == ".pt2":
+    path = Path(spec) if isinstance(spec, (str, Path)) else None
+    if path is None:
+        module, kind = _from_factory(spec), "factory"
+    elif path.suffix == ".pt2":
         if not path.is_file():
             raise ExplainError(f"--model: no file {spec}")
         try:
@@ -181,18 +186,31 @@ class _Scripted(nn.Module):
         return self._scripted(x)
 
 
-def _from_factory(spec: str) -> nn.Module:
-    if spec.count(":") != 1:
+def _model_label(spec) -> str:
+    """How the config names the model: its spec, or a model_fn's module:qualname."""
+    if spec is None:
+        return "default"
+    if callable(spec):
+        fn = getattr(spec, "func", spec)  # a functools.partial names its function
+        return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+    return str(spec)
+
+
+def _from_factory(spec) -> nn.Module:
+    if callable(spec):
+        factory, spec = spec, _model_label(spec)
+    elif spec.count(":") != 1:
         raise ExplainError(f"--model: expected package.module:function, a TorchScript file or a .pt2 "
                            f"program, got {spec!r}")
-    mod_name, fn_name = spec.split(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as err:
-        raise ExplainError(f"--model: cannot import {mod_name!r}: {type(err).__name__}: {err}") from err
-    factory = getattr(module, fn_name, None)
-    if not callable(factory):
-        raise ExplainError(f"--model: {mod_name!r} has no function {fn_name!r}")
+    else:
+        mod_name, fn_name = spec.split(":")
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as err:
+            raise ExplainError(f"--model: cannot import {mod_name!r}: {type(err).__name__}: {err}") from err
+        factory = getattr(module, fn_name, None)
+        if not callable(factory):
+            raise ExplainError(f"--model: {mod_name!r} has no function {fn_name!r}")
     try:
         model = factory()
     except Exception as err:
@@ -234,6 +252,7 @@ class _Data:
     classes: tuple = ()
     tensors: torch.Tensor | None = None
     names: list | None = None  # what the index calls each item
+    source: str | None = None  # what the config calls the data, when it is not a path
 
 
 def _label_of(text, classes: dict):
@@ -247,7 +266,11 @@ def _label_of(text, classes: dict):
 
 
 def load_data(path) -> _Data:
-    """Items of an image folder, a CSV / text list of paths, or a ``.pt`` / ``.npz`` tensor file."""
+    """Items of an image folder, a CSV / text list of paths, a ``.pt`` / ``.npz`` tensor file,
+    or a ``ray.data.Dataset`` with a ``path`` column (``cnnviz_fast.distributed``)."""
+    if hasattr(path, "map_batches") and hasattr(path, "schema"):
+        from .distributed import dataset_items
+        return dataset_items(path)
     root = Path(path)
     if not root.exists():
         raise ExplainError(f"--data: {path} does not exist")
@@ -471,7 +494,8 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
                     device=None, batch_size: int = 32, shard_size: int | None = None,
                     dtype: str = "float32", overlays: bool = False, metrics=(), metric_steps: int = 16,
                     workers: int = 2, overwrite: bool = False, progress: bool = True,
-                    command: str | None = None, report: bool = True, log=None):
+                    command: str | None = None, report: bool = True, log=None, ray=None, num_actors: int = 1,
+                    num_gpus_per_actor: float = 0):
     """Explain every image of ``data`` with ``model`` by each method into the store ``out``.
 
     data: an image folder (recursive; first-level subfolders are the classes, as
@@ -489,8 +513,13 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
     metrics: names in ``cnnviz_fast.metrics`` (``deletion``, ``insertion``), each called as
     ``f(model, x, target, saliency, steps=metric_steps) -> (curves, auc)``.
 
+    ray: None (here), ``"auto"`` or a cluster address: the shards run on Ray actors
+    (``cnnviz_fast.distributed``; ``num_actors`` of them, ``num_gpus_per_actor`` GPUs each),
+    each shard in the same batches as here, so the store is the same.
+
     Returns ``Results`` (``open_results``). A store of the same configuration resumes after its
-    last complete shard; a different one raises ``ExplainError`` unless ``overwrite``.
+    last complete shard (on Ray: skips every complete shard); a different one raises
+    ``ExplainError`` unless ``overwrite``.
     Unreadable images are skipped and listed in ``manifest.json`` and the report.
     """
     from tqdm import tqdm
@@ -568,7 +597,7 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
         except Exception as err:
             raise ExplainError(f"--method {m.name}: {type(err).__name__}: {err}") from err
 
-    config = {"data": str(Path(data).resolve()), "n_items": len(items.keys), "model": model or "default",
+    config = {"data": items.source or str(Path(data).resolve()), "n_items": len(items.keys), "model": _model_label(model),
               "model_kind": loaded.kind, "model_hash": loaded.hash,
               "methods": [[m.name, m.spec.function if isinstance(m.spec.function, str) else
                            getattr(m.spec.function, "__qualname__", repr(m.spec.function)), m.params]
@@ -584,34 +613,78 @@ def explain_dataset(data, out, methods, model: str | None = None, weights=None, 
     logger = _logger(writer.root, log)
     start_shard = writer.complete_shards()
     n = len(items.keys)
+    store_dtype = torch.float16 if dtype == "float16" else torch.float32
+    run = _Run(net, loaded, items, resolved, metric_fns, metric_steps, mean_t, std_t, target, k, store_dtype,
+               writer.root if overlays else None, probe)
+    run_start = time.perf_counter()
+    if ray is not None:
+        from .distributed import explain_shards_ray
+        explain_shards_ray(ray, writer, logger, run, dict(model=model, weights=weights, size=size, crop=crop,
+                           batch_size=batch_size, shard_size=shard_size), num_actors, num_gpus_per_actor, progress)
+        return _finish(writer, logger, run, n, run_start, report)
     positions = list(range(start_shard * shard_size, n))
     logger.info("explain %d images (%d done in %d shards) into %s", n, min(n, start_shard * shard_size),
                 start_shard, writer.root)
     loader = torch.utils.data.DataLoader(_Decoded(items, positions, size, crop), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
-    store_dtype = torch.float16 if dtype == "float16" else torch.float32
     bar = tqdm(total=n, initial=n - len(positions), unit="img", desc="explain", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     shard = _ShardBuffer(start_shard)
-    run_start = time.perf_counter()
     for batch_positions, x01, bad, first in loader:
         number = first // shard_size
         if number != shard.number:
             shard.flush(writer, logger)
             shard = _ShardBuffer(number)
-        for pos, reason in bad:
-            shard.skipped.append([_name(items, pos), reason])
-            logger.warning("skipped %s: %s", _name(items, pos), reason)
-        if x01 is not None:
-            _explain_batch(shard, net, items, resolved, metric_fns, metric_steps, batch_positions,
-                           x01.to(device), mean_t, std_t, target, k, store_dtype, writer.root if overlays else None)
+        run.explain(shard, logger, batch_positions, x01, bad)
         bar.update(len(batch_positions) + len(bad))
     shard.flush(writer, logger)
     bar.close()
-    totals = _method_seconds(writer.root, [m.name for m in resolved])
-    results = writer.finish([m.name for m in resolved],
-                            {"seconds": totals, "images": n, "last_run_seconds": time.perf_counter() - run_start})
+    return _finish(writer, logger, run, n, run_start, report)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every batch of a run needs; ``explain`` is the batch step of both this module's
+    loop and the Ray actors (``cnnviz_fast.distributed``)."""
+    net: nn.Module
+    loaded: _Model
+    items: _Data
+    methods: list
+    metric_fns: dict
+    metric_steps: int
+    mean_t: torch.Tensor
+    std_t: torch.Tensor
+    target: object
+    k: int
+    store_dtype: torch.dtype
+    overlay_root: Path | None
+    probe: torch.Tensor
+
+    def repeat_probe(self) -> None:
+        """The model and methods on the probe input, as ``explain_dataset`` runs them before its
+        first batch: a Ray actor does it too, since a process's first pass through some PyTorch
+        CPU kernels can round differently in the last bit (seen with integrated_gradients)."""
+        with torch.no_grad():
+            self.net(self.probe)
+        for m in self.methods:  # as explain_dataset's probe runs them
+            _run_method(m, self.net, self.probe[:1], torch.zeros(1, self.k, dtype=torch.long, device=self.probe.device))
+
+    def explain(self, shard, logger, positions, x01, bad) -> None:
+        """One decoded batch (``_collate``'s output) into ``shard``."""
+        for pos, reason in bad:
+            shard.skipped.append([_name(self.items, pos), reason])
+            logger.warning("skipped %s: %s", _name(self.items, pos), reason)
+        if x01 is not None:
+            _explain_batch(shard, self.net, self.items, self.methods, self.metric_fns,
+                           self.metric_steps, positions, x01.to(self.mean_t.device), self.mean_t, self.std_t,
+                           self.target, self.k, self.store_dtype, self.overlay_root)
+
+
+def _finish(writer, logger, run: _Run, n: int, run_start: float, report: bool):
+    names = [m.name for m in run.methods]
+    results = writer.finish(names, {"seconds": _method_seconds(writer.root, names), "images": n,
+                                    "last_run_seconds": time.perf_counter() - run_start})
     logger.info("done: %d index rows, %d skipped", len(results), len(results.manifest["skipped"]))
     if report:
         from .report import results_report

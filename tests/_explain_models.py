@@ -38,3 +38,9 @@ def slow():
 
 def broken():
     raise RuntimeError("no weights here")
+
+
+def scouter_negative():
+    """The shipped SCOUTER- model of the shapes data, as a factory for ``--model``."""
+    from cnnviz_fast.models import shapes_scouter
+    return shapes_scouter(positive=False)

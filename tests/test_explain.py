@@ -261,3 +261,20 @@ def test_sigkill_then_resume_is_bit_identical_to_a_straight_run(folder, tmp_path
     assert ia.drop(["seconds"]).equals(ib.drop(["seconds"]))
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (straight, killed))
     assert ma["config_hash"] == mb["config_hash"] and ma["skipped"] == mb["skipped"]
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_scouter_model_explained_as_a_method(folder, tmp_path, positive):
+    """A model with a ScouterHead: ``--method scouter`` stores scouter_explain's maps of the predicted class."""
+    out = tmp_path / "store"
+    factory = "cnnviz_fast.models:shapes_scouter" if positive else "tests._explain_models:scouter_negative"
+    assert _cli("--model", factory, "--data", folder, "--method", "scouter", "--size", 64, "--crop", 64,
+                "--mean", 0, 0, 0, "--std", 1, 1, 1, "--out", out) == 0
+    res = cf.open_results(out)
+    index = res.index.to_pandas()
+    rows = index.index.tolist()
+    model = cf.models.shapes_scouter(positive=positive)
+    x = _images(index.loc[rows, "path"])
+    pred = model(x).argmax(1)
+    assert pred.tolist() == index.loc[rows, "target"].tolist()
+    torch.testing.assert_close(res.maps("scouter", rows), cf.scouter_explain(model, x, pred), atol=1e-5, rtol=1e-4)

@@ -24,7 +24,7 @@ from .._checks import check_input, check_model, check_number, check_tensor
 from .._hooks import capture, explaining, explanation, layer_name, resolve_layer
 from .._progress import progress_bar
 from ..ops import channel_topk_update, upsample_normalize
-from ..reference.topk import empty_topk
+from ..reference.topk import best_k, empty_topk
 from ..viz import colorize, image_grid
 
 _STATE_FORMAT = "cnnviz_fast.TopKPatches/1"
@@ -259,20 +259,61 @@ class TopKPatches:
                 "batches_seen": self.batches_seen, "shapes": dict(self._shapes),
                 "lists": {n: [t.cpu() for t in lists] for n, lists in self._lists.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()``; refuses a state made with another model or settings."""
+    def _check_state(self, state, action: str) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(f"state: not a TopKPatches state ({_STATE_FORMAT})")
         if state["model"] != self._fingerprint:
-            raise ValueError("state: made with a different model (architecture or weights differ); "
-                             "refusing to resume")
+            raise ValueError(f"state: made with a different model (architecture or weights differ); "
+                             f"refusing to {action}")
         for key, mine in (("layers", self.layers), ("k", self.k), ("channels", self._channels)):
             if state[key] != mine:
                 raise ValueError(f"state: made with {key}={state[key]!r}, this run has {key}={mine!r}; "
-                                 f"refusing to resume")
+                                 f"refusing to {action}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``; refuses a state made with another model or settings."""
+        self._check_state(state, "resume")
         self._shapes = {n: tuple(s) for n, s in state["shapes"].items()}
         self._lists = {n: list(lists) for n, lists in state["lists"].items()}
         self.images_seen, self.batches_seen = state["images_seen"], state["batches_seen"]
+
+    def merge(self, other) -> "TopKPatches":
+        """Fold another run over other images (a ``TopKPatches`` or its ``state_dict()``) into
+        this one, exactly: the result equals one run over both runs' images, ties broken the
+        same way (value, then id, then position), whatever the split. Each channel keeps the
+        best k of the two lists; an image id in both lists is one image counted twice (a
+        retried batch, or a state merged with itself) and is kept once, so merging is
+        idempotent. ``images_seen`` and ``batches_seen`` add up. States from another model
+        (weights included), layer set, k or channel selection, or of other feature-map sizes,
+        are refused. Returns ``self``.
+        """
+        state = other.state_dict() if isinstance(other, TopKPatches) else other
+        self._check_state(state, "merge")
+        for name, shape in state["shapes"].items():
+            if name in self._shapes and self._shapes[name] != tuple(shape):
+                raise ValueError(f"state: layer {name!r} outputs [C, h, w] = {list(shape)} there but "
+                                 f"{list(self._shapes[name])} here (images of another size?); refusing to merge")
+        for name, theirs in state["lists"].items():
+            mine = self._lists.get(name)
+            self._lists[name] = list(theirs) if mine is None else _merge_lists(mine, theirs, self.k)
+            self._shapes[name] = tuple(state["shapes"][name])
+        self.images_seen += state["images_seen"]
+        self.batches_seen += state["batches_seen"]
+        return self
+
+
+def _merge_lists(mine, theirs, k: int):
+    """Two channel_topk_update lists ``(values, ids, pos)`` ``[C, k]`` -> their best k, each
+    image id once (its best entry; the two are equal when one image was counted twice)."""
+    device = mine[0].device
+    values, ids, pos = (torch.cat([a, b.to(device=device, dtype=a.dtype)], 1) for a, b in zip(mine, theirs))
+    values, ids, pos = best_k(values, ids, pos, values.shape[1])
+    n = ids.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)  # [j, i]: i comes before j
+    repeated = ((ids[:, :, None] == ids[:, None, :]) & earlier).any(2) & (ids >= 0)
+    # a repeat becomes an empty slot, which sorts after every real entry
+    values = values.masked_fill(repeated, float("-inf"))
+    return best_k(values, ids.masked_fill(repeated, -1), pos.masked_fill(repeated, -1), k)
 
 
 def _batches(data, batch_size: int, skip: int):

@@ -337,6 +337,11 @@ class FeatureIndex:
             return True
         return self.kind == "auto" and self.built_kind == "flat" and len(self) >= self.settings["flat_max"]
 
+    def _kind_for(self, n):
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if n < self.settings["flat_max"] else "ivf"
+
     def build(self) -> "FeatureIndex":
         """Train and fill the index from the vectors added so far (done by search/save too)."""
         if not self._needs_build():
@@ -347,27 +352,27 @@ class FeatureIndex:
         exact = self._staging if self._staging is not None else self._index
         self._staging, self._index = None, None
         n = exact.ntotal
-        kind = self.kind
-        if kind == "auto":
-            kind = "flat" if n < self.settings["flat_max"] else "ivf"
-        self.built_kind = kind
+        kind = self.built_kind = self._kind_for(n)
         if kind == "flat":
             self._index, self.measured_recall = exact, 1.0
             return self
         index = self._new_index(kind, n)
         if kind in ("ivf", "ivfpq"):
-            # 32 points per list; PQ codebooks (256 centroids each) want 39 * 256 points
-            index.train(self._sample(exact, min(n, max(32 * index.nlist, 9984 if kind == "ivfpq" else 0))))
+            index.train(self._sample(exact, self._train_size(kind, index, n)))
         for start in range(0, n, 65536):
             index.add(self._reconstruct(exact, start, min(n, start + 65536)))
         self._index = self._to_device(index) if kind != "hnsw" else index
-        knob = self.settings["ef_search" if kind == "hnsw" else "nprobe"]
+        self._finish_build(self._tuning_sample(exact), index.nlist if kind != "hnsw" else None)
+        return self
+
+    def _finish_build(self, sample, nlist):
+        """Set nprobe / efSearch as given, or measure it on ``sample`` (see ``_tuning_sample``)."""
+        knob = self.settings["ef_search" if self.built_kind == "hnsw" else "nprobe"]
         if knob is not None:
             self._set_knob(knob)
-            self.measured_recall = self._recall(exact)
+            self.measured_recall = self._recall(sample)
         else:
-            self._tune(exact, index.nlist if kind != "hnsw" else None)
-        return self
+            self._tune(sample, nlist)
 
     def _new_index(self, kind, n):
         faiss = _require("faiss", "faiss-cpu")
@@ -395,32 +400,37 @@ class FeatureIndex:
     def _reconstruct(flat, start, stop):
         return flat.reconstruct_n(start, stop - start)
 
+    def _train_size(self, kind, index, n):
+        # 32 points per list; PQ codebooks (256 centroids each) want 39 * 256 points
+        return min(n, max(32 * index.nlist, 9984 if kind == "ivfpq" else 0))
+
+    def _sample_rows(self, n, size, offset=0):
+        rng = np.random.default_rng(self.settings["seed"] + offset)
+        return np.sort(rng.choice(n, size=size, replace=False))
+
     def _sample(self, flat, size):
-        rng = np.random.default_rng(self.settings["seed"])
-        rows = np.sort(rng.choice(flat.ntotal, size=size, replace=False))
+        rows = self._sample_rows(flat.ntotal, size)
         return flat.reconstruct_batch(rows) if size < flat.ntotal else self._reconstruct(flat, 0, flat.ntotal)
 
     def _tuning_sample(self, exact):
         """Held-out queries (drawn from the added vectors) and their exact neighbours, self excluded."""
         n = exact.ntotal
         k = min(_TUNE_K, n - 1)
-        rng = np.random.default_rng(self.settings["seed"] + 1)
-        rows = np.sort(rng.choice(n, size=min(_TUNE_QUERIES, n), replace=False))
+        rows = self._sample_rows(n, min(_TUNE_QUERIES, n), offset=1)
         queries = exact.reconstruct_batch(rows)
         _, truth = exact.search(queries, k + 1)
         return queries, rows, k, _drop_self(truth, rows, k)
 
-    def _recall(self, exact, sample=None):
-        queries, rows, k, truth = sample or self._tuning_sample(exact)
+    def _recall(self, sample):
+        queries, rows, k, truth = sample
         if k < 1:
             return 1.0
         _, found = self._index.search(queries, k + 1)
         found = _drop_self(found, rows, k)
         return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
 
-    def _tune(self, exact, nlist):
+    def _tune(self, sample, nlist):
         """Smallest nprobe / efSearch reaching target_recall on the held-out sample."""
-        sample = self._tuning_sample(exact)
         target = self.settings["target_recall"]
         if self.built_kind == "hnsw":
             candidates = [16, 32, 64, 128, 256, 512, 1024]
@@ -430,7 +440,7 @@ class FeatureIndex:
 
         def measure(value):
             self._set_knob(value)
-            results[value] = self._recall(exact, sample)
+            results[value] = self._recall(sample)
             return results[value] >= target
 
         low = None
@@ -559,9 +569,123 @@ class FeatureIndex:
         self._seen = set(table.tolist() if self._id_kind == "int" else table)
         return self
 
+    @classmethod
+    def from_shards(cls, shards, metric: str = "l2", kind: str = "auto", **settings) -> "FeatureIndex":
+        """An index over embedding shards (``cnnviz_fast.distributed.embed_ray``'s folder, or a
+        list of its ``.safetensors`` shard files), built without holding all vectors twice.
+
+        The index type follows the rules of ``FeatureIndex(dim, metric, kind, **settings)``;
+        an IVF index is trained on rows sampled across the shards (the rows ``build()`` would
+        sample), then the shards are added one at a time, each read, added and dropped. nprobe
+        / efSearch is measured as ``build()`` measures it, against exact neighbours found by
+        scanning the shards one at a time. With the same vectors in the same order the index
+        answers as ``FeatureIndex(...).add(all vectors, ids)`` does (an HNSW graph depends on
+        how inserts are batched, so an HNSW index answers alike up to its measured recall).
+        """
+        faiss = _require("faiss", "faiss-cpu")
+        paths = _shard_files(shards)
+        sizes = [_shard_rows(p) for p in paths]
+        n = sum(n for n, _ in sizes)
+        if n == 0:
+            raise ValueError(f"shards: no vectors in {len(paths)} shard files")
+        dims = {d for _, d in sizes}
+        if len(dims) != 1:
+            raise ValueError(f"shards: vectors of dimensions {sorted(dims)}; expected one dimension")
+        self = cls(dims.pop(), metric, kind, **settings)
+        built = self.built_kind = self._kind_for(n)
+        starts = np.cumsum([0] + [m for m, _ in sizes])
+        cosine = self.metric == "cosine"
+
+        def rows_of(rows):
+            """The vectors at sorted global positions ``rows``, read shard by shard."""
+            parts = []
+            for path, lo, hi in zip(paths, starts[:-1], starts[1:]):
+                mine = rows[(rows >= lo) & (rows < hi)] - lo
+                if len(mine):
+                    parts.append(_as_float32_numpy("vectors", _read_shard(path)[0][mine], self.dim, cosine))
+            return np.concatenate(parts)
+
+        index = faiss.IndexFlatL2(self.dim) if built == "flat" else self._new_index(built, n)
+        if built in ("ivf", "ivfpq"):
+            size = self._train_size(built, index, n)
+            index.train(rows_of(self._sample_rows(n, size) if size < n else np.arange(n)))
+        for path in paths:
+            vectors, ids = _read_shard(path)
+            x = _as_float32_numpy("vectors", vectors, self.dim, cosine)
+            new_ids, self._id_kind, fresh = self._check_ids(ids, len(x))
+            index.add(x)
+            self._ids.append(new_ids)
+            self._seen |= fresh
+        self._index = index
+        if built == "flat":
+            self.measured_recall = 1.0
+            return self
+        rows = self._sample_rows(n, min(_TUNE_QUERIES, n), offset=1)
+        queries, k = rows_of(rows), min(_TUNE_K, n - 1)
+        best_d = np.full((len(rows), k + 1), np.inf, dtype=np.float32)
+        best_i = np.full((len(rows), k + 1), -1, dtype=np.int64)
+        for path, lo in zip(paths, starts[:-1]):   # exact neighbours, one shard at a time
+            x = _as_float32_numpy("vectors", _read_shard(path)[0], self.dim, cosine)
+            d, i = faiss.knn(queries, x, min(k + 1, len(x)))
+            d, i = np.concatenate([best_d, d], 1), np.concatenate([best_i, i + lo], 1)
+            order = np.argsort(d, axis=1, kind="stable")[:, :k + 1]
+            best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        self._finish_build((queries, rows, k, _drop_self(best_i, rows, k)),
+                           index.nlist if built != "hnsw" else None)
+        return self
+
     def __repr__(self):
         built = f", built={self.built_kind!r}, nprobe={self.nprobe}" if self.built_kind else ""
         return f"FeatureIndex(dim={self.dim}, metric={self.metric!r}, kind={self.kind!r}, n={len(self)}{built})"
+
+
+SHARD_VECTORS, SHARD_IDS = "vectors", "ids"
+
+
+def write_embedding_shard(path, vectors: torch.Tensor, ids) -> None:
+    """One embedding shard, atomically: safetensors with ``vectors`` float32 ``[n, D]`` and
+    ``ids`` int64 ``[n]`` (string ids go to the metadata as a JSON list)."""
+    from safetensors.torch import save
+    tensors = {SHARD_VECTORS: vectors.detach().float().cpu().contiguous()}
+    metadata = {}
+    if isinstance(ids, torch.Tensor):
+        tensors[SHARD_IDS] = ids.detach().to(torch.int64).cpu().contiguous()
+    else:
+        metadata[SHARD_IDS] = json.dumps(list(ids))
+    with atomic_write(path) as f:
+        f.write(save(tensors, metadata=metadata))
+
+
+def _read_shard(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        vectors = f.get_tensor(SHARD_VECTORS)
+        ids = f.get_tensor(SHARD_IDS) if SHARD_IDS in f.keys() else json.loads(f.metadata()[SHARD_IDS])
+    return vectors, ids
+
+
+def _shard_rows(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return tuple(f.get_slice(SHARD_VECTORS).get_shape())
+
+
+def _shard_files(shards) -> list:
+    """The shard files of an ``embed_ray`` folder (in its manifest's order) or of a list."""
+    if isinstance(shards, (str, Path)):
+        root = Path(shards)
+        manifest = root / "embeddings.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"shards: {root} holds no embeddings.json (not an embed_ray output)")
+        paths = [root / name for name in json.loads(manifest.read_text())["shards"]]
+    else:
+        paths = [Path(p) for p in shards]
+    if not paths:
+        raise ValueError("shards: expected at least one shard file")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shards: missing shard files {missing[:3]}")
+    return paths
 
 
 def _drop_self(neighbours: np.ndarray, rows: np.ndarray, k: int) -> list:

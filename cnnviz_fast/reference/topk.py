@@ -38,13 +38,19 @@ def channel_topk_update_ref(activations, ids, running_values, running_ids, runni
     values = torch.cat([running_values, flat.amax(2).T.to(running_values.dtype)], 1)
     cand_ids = torch.cat([running_ids, ids.view(1, B).expand(C, B)], 1)
     pos = torch.cat([running_pos, flat.argmax(2).T], 1)
+    return best_k(values, cand_ids, pos, k)
+
+
+def best_k(values, ids, pos, k):
+    """The first ``k`` of each row of candidates ``[C, n]`` by value descending, then id, then
+    position ascending: ``(values, ids, pos)``, each ``[C, k]``."""
     # torch.topk's order among equal values is unspecified: sort explicitly, least
     # significant key first, with stable sorts (a lexsort by (-value, id, pos)).
     order = torch.argsort(pos, dim=1, stable=True)
-    order = order.gather(1, torch.argsort(cand_ids.gather(1, order), dim=1, stable=True))
+    order = order.gather(1, torch.argsort(ids.gather(1, order), dim=1, stable=True))
     order = order.gather(1, torch.argsort(values.gather(1, order), dim=1, descending=True, stable=True))
     top = order[:, :k]
-    return values.gather(1, top), cand_ids.gather(1, top), pos.gather(1, top)
+    return values.gather(1, top), ids.gather(1, top), pos.gather(1, top)
 
 
 def channel_topk_ref(activations, ids, k):
