@@ -113,7 +113,24 @@ def run_demo(out, n_images: int = 8, progress: bool = True) -> Path:
     _add_investigation(model, report, out, progress)
     _add_scouter(report, out)
     _add_synthesis(model, report, out)
+    _add_bench(report, out, n_images, progress)
     return report.write(out / "report.html")
+
+
+# A few explainers and metrics, so the demo stays quick; `cnnviz bench` runs them all.
+_BENCH_EXPLAINERS = ["grad_cam", "saliency", "guided_backprop", "integrated_gradients", "lrp"]
+_BENCH_METRICS = ["deletion_auc", "insertion_auc", "pointing_game", "relevance_mass_accuracy", "sparseness"]
+
+
+def _add_bench(report: Report, out: Path, n_images: int, progress: bool) -> None:
+    """Score a few explainers with faithfulness, localisation and complexity metrics on the same
+    images (``cnnviz bench``'s page, written beside the report and linked from it)."""
+    from .bench import run_bench
+
+    paths = run_bench(out / "bench", n_images=n_images, explainer_names=_BENCH_EXPLAINERS,
+                      metric_names=_BENCH_METRICS, progress=progress)
+    report.links["Explainer benchmark (metrics, deletion and insertion curves)"] = \
+        paths["html"].relative_to(out).as_posix()
 
 
 def _add_investigation(model, report: Report, out: Path, progress: bool) -> None:

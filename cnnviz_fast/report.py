@@ -107,6 +107,7 @@ class Report:
     intro: str = ""
     facts: dict = field(default_factory=dict)
     figures: list = field(default_factory=list)  # Figure, Grid and Table sections, in order
+    links: dict = field(default_factory=dict)  # text -> relative address of a companion page
 
     def add(self, title: str, image, caption: str = "") -> None:
         self.figures.append(Figure(title, image, caption))
@@ -124,10 +125,12 @@ class Report:
     def to_html(self) -> str:
         facts = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in self.facts.items())
         sections = "".join(f.to_html() for f in self.figures)
+        links = ("<p class='links'>" + " · ".join(f"<a href='{_esc(href)}'>{_esc(text)}</a>"
+                                                 for text, href in self.links.items()) + "</p>") if self.links else ""
         return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
                 f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
                 f"<link rel='icon' href='data:,'><title>{_esc(self.title)}</title><style>{_CSS}</style></head>"
-                f"<body><main><h1>{_esc(self.title)}</h1><p class='intro'>{_esc(self.intro)}</p>"
+                f"<body><main><h1>{_esc(self.title)}</h1><p class='intro'>{_esc(self.intro)}</p>{links}"
                 f"<div class='wide'><table class='facts'>{facts}</table></div>{sections}</main>"
                 f"<div id='zoom' hidden></div>"
                 f"<script>{_JS}</script></body></html>")

@@ -26,6 +26,8 @@ def test_demo_writes_pngs_and_a_self_contained_report(tmp_path):
     # investigation views, the synthesis views and the SCOUTER views
     assert html.count("data:image/png;base64,") == 3 * (1 + len(heatmaps)) + 2 + len(synthesis) + len(scouter)
     assert "deconvnet</b>" in html and "checkerboard" in html and "true: " in html and "pred: " in html
+    # the explainer benchmark of the same images, written beside the report and linked from it
+    assert "<a href='bench/bench.html'>" in html and (tmp_path / "bench" / "bench.html").is_file()
     assert "src='http" not in html and not list(tmp_path.glob("*.tmp"))
 
 
