@@ -50,7 +50,8 @@ def explaining(model: nn.Module, x: torch.Tensor | None = None, name: str = "x")
 
     handle = model.register_forward_hook(finished) if x is not None else None
     try:
-        model.eval()
+        for m, _ in modes:  # eval() by its flags: some modules (torch.export's) refuse a call to eval()
+            m.training = False
         yield
     except RuntimeError as err:
         if x is None or state["done"] or isinstance(err, torch.OutOfMemoryError):

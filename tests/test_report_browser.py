@@ -72,7 +72,8 @@ def test_demo_report_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
     browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
     assert browser.execute_script("return document.getElementById('zoom').hidden") is True
-    assert _check_page(browser, tmp_path, "demo") == 2 * (1 + len(headers)) + 2
+    # the grid, the two investigation figures, three synthesis and two SCOUTER figures
+    assert _check_page(browser, tmp_path, "demo") == 2 * (1 + len(headers)) + 2 + 3 + 2
 
 
 def test_explain_report_pages_in_chromium(browser, tmp_path):
