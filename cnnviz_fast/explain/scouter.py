@@ -38,10 +38,9 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_model_device, check_tensor
+from .._checks import check_input, check_tensor
 from .._targets import target_indices
 from ..ops import upsample_normalize
-from .cam import _check_inputs
 
 # DETR's sine embedding constants, as the authors' build_position_encoding("sine") sets them.
 _PE_TEMPERATURE = 10000.0
@@ -204,7 +203,7 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     Returns ``[B, H, W]`` for an int / per-sample target, ``[B, k, H, W]`` for ``[B, k]`` and
     ``[B, num_classes, H, W]`` for None, of ``x``'s dtype on ``x``'s device.
     """
-    _check_inputs(model, x, None)  # also warns about a model left in training mode
+    check_input(model, x)
     head = _the_head(model)
     if callable(target):
         raise TypeError("target: SCOUTER explains classes: expected an int, one int per sample or a "
@@ -257,7 +256,7 @@ def train_scouter(model: ScouterModel, data, *, epochs: int, seed: int, batch_si
     _check_count("epochs", epochs)
     _check_count("batch_size", batch_size)
     images, labels = _images_labels(data)
-    check_model_device(model, images)
+    check_input(model, images, name="images")
     was_training = model.training
     generator = torch.Generator().manual_seed(seed)
     if freeze_backbone:
