@@ -94,7 +94,9 @@ def _convert(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, layout) -> n
             except RuntimeError:
                 if state["layout"] is torch.contiguous_format:
                     raise
+                # channels-last weights would make the outputs channels-last again
                 state["layout"] = torch.contiguous_format
+                low.to(memory_format=torch.contiguous_format)
         return out.to(inp.dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
     low.forward = converted_forward
