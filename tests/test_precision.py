@@ -161,3 +161,45 @@ def test_fidelity_of_equal_and_reversed_maps():
     assert spearman.tolist() == [1.0, 1.0] and iou.tolist() == [1.0, 1.0]
     spearman, iou = fidelity(-maps, maps)
     assert spearman.tolist() == pytest.approx([-1.0, -1.0]) and iou.tolist() == [0.0, 0.0]
+
+
+def test_layer_activations_in_bfloat16_and_channels_last(trained):
+    model, x, _ = trained
+    ref = cf.layer_activations(model, x, LAYER)
+    cl = cf.layer_activations(model, x, LAYER, channels_last=True)
+    low = cf.layer_activations(model, x, LAYER, compute_dtype=torch.bfloat16)
+    assert cl.is_contiguous() and torch.allclose(cl, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert fidelity(low.flatten(0, 1), ref.flatten(0, 1))[0].mean() >= 0.99
+
+
+def test_top_k_patches_in_bfloat16_converts_once_and_finds_the_same_images(trained, monkeypatch):
+    model, x, _ = trained
+    calls = []
+    convert = _precision._convert
+    monkeypatch.setattr(_precision, "_convert", lambda *a: calls.append(1) or convert(*a))
+    ref = cf.top_k_patches(model, x, LAYER, k=2, batch_size=2)[LAYER]
+    low = cf.top_k_patches(model, x, LAYER, k=2, batch_size=2, compute_dtype=torch.bfloat16)[LAYER]
+    assert len(calls) == 1  # one copy for the three batches
+    # the best image of most channels survives bfloat16's rounding
+    assert float((low.ids[:, 0] == ref.ids[:, 0]).float().mean()) >= 0.8
+
+
+def test_embed_in_bfloat16_keeps_the_neighbours(trained):
+    model, x, _ = trained
+    ref = cf.embed(model, x, "avgpool", batch_size=4).vectors
+    cl = cf.embed(model, x, "avgpool", batch_size=4, channels_last=True).vectors
+    low = cf.embed(model, x, "avgpool", batch_size=4, compute_dtype=torch.bfloat16).vectors
+    assert torch.allclose(cl, ref, rtol=1e-4, atol=1e-6) and low.dtype == torch.float32
+    assert torch.equal(torch.cdist(low, low).argsort(1)[:, 1], torch.cdist(ref, ref).argsort(1)[:, 1])
+
+
+@pytest.mark.parametrize("rules", ["epsilon_plus_flat", "epsilon_alpha2_beta1"])
+def test_lrp_in_bfloat16_and_channels_last(rules, trained):
+    model, x, t = trained
+    ref = cf.lrp(model, x, t, rules=rules)
+    cl = cf.lrp(model, x, t, rules=rules, channels_last=True)
+    low = cf.lrp(model, x, t, rules=rules, compute_dtype=torch.bfloat16)
+    assert torch.allclose(cl, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert low.dtype == torch.float32
+    assert fidelity(low.sum(1), ref.sum(1))[0].mean() >= 0.95
