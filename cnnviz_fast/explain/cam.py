@@ -10,7 +10,9 @@ model body still runs once). Common keywords: ``relu=True``, ``normalize=True`` 
 ``[B, k, H, W]`` of the input's dtype on the input's device. The model is explained in eval
 mode and left as found.
 
-``compute_dtype=None`` / ``channels_last=None`` (every method; ``cnnviz_fast._precision``):
+``compute_dtype=None`` / ``channels_last=None`` (every method; ``cnnviz_fast._precision``;
+``channels_last=None`` here means channels-last copies on CPU, in float32 too, equal to the
+channels-first maps to float32 rounding; ``False`` runs the model itself):
 ``compute_dtype=torch.bfloat16`` runs the network's body in bfloat16 on a copy converted once
 per call; the head (``nn.Linear``), the target scores, and the layer's activations and
 gradients as ``cam_combine`` weighs them are in ``x``'s dtype. Fidelity against float32 is
@@ -40,6 +42,13 @@ _FORWARD_FACTOR = 16
 
 # pytorch-grad-cam's epsilon in the Grad-CAM++ alpha denominator.
 _GRAD_CAM_PP_EPS = 1e-6
+
+
+def _channels_last(channels_last):
+    """The CAM family runs on channels-last copies on CPU by default, in float32 too: its cost
+    is the forward pass, where oneDNN gains most (``bench_cam.py``: Grad-CAM on ResNet-50 1.2x
+    faster); the gradient family keeps it for lower precision (``_precision.lowered``)."""
+    return True if channels_last is None else channels_last
 
 
 def _out_size(size, x):
@@ -123,7 +132,7 @@ def _gradients(model, x, module, target, fc):
 def _layer_gradients(model, x, layer, target, compute_dtype, channels_last):
     """``_gradients`` of ``layer`` on the model that runs (``_precision.lowered``)."""
     module = resolve_layer(model, layer)
-    runs, counterpart = lowered(model, x, compute_dtype, channels_last)
+    runs, counterpart = lowered(model, x, compute_dtype, _channels_last(channels_last))
     return _gradients(runs, x, counterpart(module), target, _last_linear(runs))
 
 
@@ -149,7 +158,7 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, relu: bo
     if callable(target):
         raise TypeError("target: cam takes class indices, not a callable (use grad_cam)")
     module = None if layer is None else resolve_layer(model, layer)
-    runs, counterpart = lowered(model, x, compute_dtype, channels_last)
+    runs, counterpart = lowered(model, x, compute_dtype, _channels_last(channels_last))
     fc = counterpart(fc)
     module = _gap_layer(runs, x, fc) if module is None else counterpart(module)
     with torch.no_grad(), capture(runs, module) as record, _record_head(fc) as head:
@@ -277,7 +286,7 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     """
     module = resolve_layer(model, layer)
     chunk = _score_cam_chunk(x, batch_size)
-    model, counterpart = lowered(model, x, compute_dtype, channels_last)
+    model, counterpart = lowered(model, x, compute_dtype, _channels_last(channels_last))
     module = counterpart(module)
     with torch.no_grad(), capture(model, module) as record:
         output = model(x)
