@@ -3,7 +3,8 @@ ResNet-50 layer4 at 224 against the model's forward pass alone, Captum LayerGrad
 (+ LayerAttribution.interpolate) and torchcam GradCAM, with one class and the top-5 classes
 per image, called round-robin (median of ROUNDS calls each, so load on this shared machine
 hits all alike); pytorch-grad-cam cannot be imported here (it needs torchvision). Our Grad-CAM
-also runs on channels-last copies and with ``compute_dtype=torch.bfloat16``. Then the fidelity
+runs on channels-last copies on CPU by default; it is also timed channels-first
+(``channels_last=False``) and with ``compute_dtype=torch.bfloat16``. Then the fidelity
 of bfloat16 maps against float32 maps (per-map Spearman, top-10% pixel IoU) for CAM, Grad-CAM,
 Grad-CAM++, LayerCAM and Score-CAM on the trained default model (shapes_cnn, 64 px) and on VGG16 /
 ResNet-50 (random weights, 4 images at 112 px; Score-CAM there would take 512 / 2048 masked
@@ -71,7 +72,7 @@ def bench_grad_cam(table, model, batch, device):
         ("forward (no grad)", forward),
         ("cnnviz_fast grad_cam", lambda: grad_cam(model, x, top1, "layer4")),
         ("cnnviz_fast grad_cam top5", lambda: grad_cam(model, x, top5, "layer4")),
-        ("cnnviz_fast grad_cam channels_last", lambda: grad_cam(model, x, top1, "layer4", channels_last=True)),
+        ("cnnviz_fast grad_cam channels-first", lambda: grad_cam(model, x, top1, "layer4", channels_last=False)),
         ("cnnviz_fast grad_cam bfloat16", lambda: grad_cam(model, x, top1, "layer4", compute_dtype=torch.bfloat16)),
         ("captum LayerGradCam+interp", lambda: captum_cam(top1)),
         ("torchcam GradCAM (7x7)", torchcam_cam),
@@ -104,7 +105,8 @@ def fidelity_rows():
             ("vgg16 (random)", vgg16().eval(), big, 3, "features.29", ("grad_cam", "grad_cam_pp", "layer_cam")),
             ("resnet50 (random)", resnet50().eval(), big, 3, "layer4",
              ("cam", "grad_cam", "grad_cam_pp", "layer_cam"))]
-    methods = {"cam": lambda m, x, t, layer, **k: cam(m, x, t, layer=layer, **k), "grad_cam": grad_cam,
+    # CAM finds its GAP layer itself
+    methods = {"cam": lambda m, x, t, _layer, **k: cam(m, x, t, **k), "grad_cam": grad_cam,
                "grad_cam_pp": grad_cam_pp, "layer_cam": layer_cam, "score_cam": score_cam}
     rows = []
     for model_name, model, x, t, layer, names in runs:
@@ -138,6 +140,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = "triton" if device == "cuda" else "cpp"
     table = BenchTable("cam", device, dtype="float32 (bfloat16 rows: compute_dtype)", loadavg_start=os.getloadavg())
+    print("fidelity of bfloat16 against float32 maps")
+    table.meta["fidelity"] = fidelity_rows()
     bench_op(table, device, fast)
     torch.manual_seed(0)
     model = resnet50().eval().to(device)
@@ -146,8 +150,6 @@ def main():
         notes.append(f"B={batch}: top5/top1 {bench_grad_cam(table, model, batch, device):.2f}x")
     if device == "cpu":
         notes.append("random-weight ResNet-50; shared 2-core machine with other jobs, timings noisy")
-    print("fidelity of bfloat16 against float32 maps")
-    table.meta["fidelity"] = fidelity_rows()
     table.meta["loadavg_end"] = os.getloadavg()
     table.report("; ".join(notes + ["fidelity rows in meta.fidelity"]))
 
