@@ -149,6 +149,8 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, relu: bo
     pass). The head is checked by value (fc's input equals the spatial mean of the layer's
     output and fc's output is the model's output); a model without one raises ``ValueError``
     (use ``grad_cam``, equal to CAM up to scale on such heads).
+    bfloat16 (``compute_dtype``; the head's weights stay in ``x``'s dtype): Spearman 0.999 on
+    the trained default model and on random-weight ResNet-50.
     x: ``[B, C, H, W]``; target: int, ``[B]`` or ``[B, k]`` class indices.
     """
     fc = _last_linear(model, fc)
@@ -206,6 +208,11 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True
     otherwise one batched vector-Jacobian product from the scores to ``layer`` only.
     x: ``[B, C, H, W]``; target: int, ``[B]``, ``[B, k]`` class indices or a callable
     ``output -> [B]`` scores; layer: module or dotted name with a 4-D output.
+    ``compute_dtype=torch.bfloat16`` (``bench_cam.py``; per-map Spearman against float32):
+    0.999 on the trained default model and on random-weight ResNet-50, but 0.89 (worst map
+    0.81, top-10% IoU 0.70) on random-weight VGG16 at ``features.29``, whose channel weights
+    (means of gradients that nearly cancel) lose their signs in bfloat16: unfit there;
+    Grad-CAM++ and LayerCAM, which rectify the gradients first, stay at 0.999.
     """
     acts, grads = _layer_gradients(model, x, layer, target, compute_dtype, channels_last)
     return cam_combine(acts, grads.mean((-2, -1)), _out_size(size, x), relu, normalize, backend)
@@ -223,6 +230,8 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = T
     apply it to the logit's gradient. torchcam's ``GradCAMpp`` differs (it sums ``A g^3`` in
     the denominator and, in torchcam 0.5, its in-place division on a masked copy leaves
     ``alpha = g^2``). Arguments, cost and shapes as ``grad_cam``.
+    bfloat16 (``compute_dtype``): Spearman 0.999 on the trained default model and on random
+    VGG16 / ResNet-50.
     """
     acts, grads = _layer_gradients(model, x, layer, target, compute_dtype, channels_last)
     return cam_combine(acts, _grad_cam_pp_weights(acts, grads), _out_size(size, x), relu, normalize, backend)
@@ -247,6 +256,8 @@ def layer_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = Tru
     ``map = relu(sum_c relu(g_c(y, x)) A_c(y, x))``, as pytorch-grad-cam's ``LayerCAM`` and
     torchcam's ``LayerCAM`` (one layer, so no multi-layer fusion) compute it. Arguments, cost
     and shapes as ``grad_cam``.
+    bfloat16 (``compute_dtype``): Spearman 0.996 on the trained default model, 0.999 on
+    random VGG16 / ResNet-50.
     """
     acts, grads = _layer_gradients(model, x, layer, target, compute_dtype, channels_last)
     return cam_combine(acts, torch.relu(grads), _out_size(size, x), relu, normalize, backend)
@@ -283,6 +294,10 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     ``output -> [n]`` scores (applied to each chunk's output). progress: a tqdm bar of masked
     inputs on stderr; None (default) shows it on an interactive terminal once the work has
     taken a few seconds (``cnnviz_fast._progress``).
+    compute_dtype: the masked forward passes' body in that precision, their scores from the
+    head in ``x``'s dtype, the softmax in float32. bfloat16: Spearman 0.996 mean, 0.95 worst
+    map on the trained default model (not measured on VGG16 / ResNet-50: 512 / 2048 masked
+    passes per image).
     """
     module = resolve_layer(model, layer)
     chunk = _score_cam_chunk(x, batch_size)
