@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .._checks import check_input, check_tensor
+from .._hooks import explanation
 from .._targets import target_indices
 from ..ops import upsample_normalize
 
@@ -189,6 +190,7 @@ def _the_head(model: nn.Module) -> ScouterHead:
     return heads[0]
 
 
+@explanation(target=False)  # checks x, explains in eval mode (warning about a training-mode model)
 def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="input",
                     normalize: bool = True) -> torch.Tensor:
     """SCOUTER's explanation: the attention of the classes' slots (summed per class), resized
@@ -203,7 +205,6 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     Returns ``[B, H, W]`` for an int / per-sample target, ``[B, k, H, W]`` for ``[B, k]`` and
     ``[B, num_classes, H, W]`` for None, of ``x``'s dtype on ``x``'s device.
     """
-    check_input(model, x)
     head = _the_head(model)
     if callable(target):
         raise TypeError("target: SCOUTER explains classes: expected an int, one int per sample or a "
