@@ -208,3 +208,9 @@ def test_lrp_in_bfloat16_and_channels_last(rules, trained):
     assert torch.allclose(cl, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert low.dtype == torch.float32
     assert fidelity(low.sum(1), ref.sum(1))[0].mean() >= 0.95
+
+
+def test_occlusion_shares_the_compute_dtype_check(trained):
+    model, x, t = trained
+    with pytest.raises(TypeError, match="compute_dtype: expected None or a floating torch.dtype"):
+        cf.occlusion(model, x[:1], t[:1], window=16, stride=16, mode="approximate", compute_dtype="int8")

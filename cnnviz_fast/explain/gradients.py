@@ -304,7 +304,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
 
     ``x`` float [B, C, H, W]; returns ``method``'s shape per sample ([B, C, H, W] or
     [B, k, C, H, W]), same dtype and device.
-    compute_dtype: each noisy copy's ``method`` runs on one converted copy of the model made
+    compute_dtype / channels_last, when given, are passed on to ``method`` (every method of
+    this module takes them); each noisy copy's ``method`` runs on one converted copy of the model made
     for the call; the mean over samples is taken in ``x``'s dtype. bfloat16 with saliency:
     Spearman 0.998 (trained default model), 0.98 (VGG16), 0.99 (ResNet-50, random weights):
     averaging washes out the rounding the single gradient shows.
