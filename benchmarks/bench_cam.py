@@ -2,20 +2,30 @@
 ResNet-50 layer4 at 224 against the model's forward pass alone, Captum LayerGradCam
 (+ LayerAttribution.interpolate) and torchcam GradCAM, with one class and the top-5 classes
 per image, called round-robin (median of ROUNDS calls each, so load on this shared machine
-hits all alike); pytorch-grad-cam cannot be imported here (it needs torchvision).
+hits all alike); pytorch-grad-cam cannot be imported here (it needs torchvision). Our Grad-CAM
+runs on channels-last copies on CPU by default; it is also timed channels-first
+(``channels_last=False``) and with ``compute_dtype=torch.bfloat16``. Then the fidelity
+of bfloat16 maps against float32 maps (per-map Spearman, top-10% pixel IoU) for CAM, Grad-CAM,
+Grad-CAM++, LayerCAM and Score-CAM on the trained default model (shapes_cnn, 64 px) and on VGG16 /
+ResNet-50 (random weights, 4 images at 112 px; Score-CAM there would take 512 / 2048 masked
+forward passes per image, so it is measured on the default model only; VGG16 has no GAP head,
+so no CAM).
 
     python benchmarks/bench_cam.py            # batch 8
     python benchmarks/bench_cam.py --batch32  # also batch 32 (a ResNet-50 forward is ~2 s here)
 """
 import argparse
+import os
 import time
 
 import numpy as np
 import torch
 
 from _runner import BenchTable
-from cnnviz_fast import cam_combine, grad_cam
-from cnnviz_fast.models import resnet50
+from cnnviz_fast import cam, cam_combine, grad_cam, grad_cam_pp, layer_cam, score_cam
+from cnnviz_fast._precision import fidelity
+from cnnviz_fast.data import shapes
+from cnnviz_fast.models import resnet50, shapes_cnn, vgg16
 from cnnviz_fast.reference import cam_combine_ref
 from cnnviz_fast.reference.upsample import minmax_normalize_ref
 
@@ -62,6 +72,8 @@ def bench_grad_cam(table, model, batch, device):
         ("forward (no grad)", forward),
         ("cnnviz_fast grad_cam", lambda: grad_cam(model, x, top1, "layer4")),
         ("cnnviz_fast grad_cam top5", lambda: grad_cam(model, x, top5, "layer4")),
+        ("cnnviz_fast grad_cam channels-first", lambda: grad_cam(model, x, top1, "layer4", channels_last=False)),
+        ("cnnviz_fast grad_cam bfloat16", lambda: grad_cam(model, x, top1, "layer4", compute_dtype=torch.bfloat16)),
         ("captum LayerGradCam+interp", lambda: captum_cam(top1)),
         ("torchcam GradCAM (7x7)", torchcam_cam),
     ] + ([("captum LayerGradCam top5", lambda: [captum_cam(top5[:, j]) for j in range(5)])]
@@ -83,6 +95,31 @@ def bench_grad_cam(table, model, batch, device):
     return p50["cnnviz_fast grad_cam top5"] / p50["cnnviz_fast grad_cam"]
 
 
+def fidelity_rows():
+    """Spearman / top-10% IoU of bfloat16 against float32 maps, per method and model."""
+    data = shapes(16, size=64, seed=7)
+    torch.manual_seed(0)
+    big = torch.rand(4, 3, 112, 112)
+    runs = [("shapes_cnn (trained)", shapes_cnn().eval(), data.images, data.labels, "features.15",
+             ("cam", "grad_cam", "grad_cam_pp", "layer_cam", "score_cam")),
+            ("vgg16 (random)", vgg16().eval(), big, 3, "features.29", ("grad_cam", "grad_cam_pp", "layer_cam")),
+            ("resnet50 (random)", resnet50().eval(), big, 3, "layer4",
+             ("cam", "grad_cam", "grad_cam_pp", "layer_cam"))]
+    # CAM finds its GAP layer itself
+    methods = {"cam": lambda m, x, t, _layer, **k: cam(m, x, t, **k), "grad_cam": grad_cam,
+               "grad_cam_pp": grad_cam_pp, "layer_cam": layer_cam, "score_cam": score_cam}
+    rows = []
+    for model_name, model, x, t, layer, names in runs:
+        for name in names:
+            ref = methods[name](model, x, t, layer)
+            spearman, iou = fidelity(methods[name](model, x, t, layer, compute_dtype=torch.bfloat16), ref)
+            rows.append(dict(model=model_name, method=name, spearman_mean=float(spearman.mean()),
+                             spearman_min=float(spearman.min()), iou_top10_mean=float(iou.mean()), maps=len(iou)))
+            print(f"  {model_name:<22} {name:<12} spearman mean {spearman.mean():.4f} min {spearman.min():.4f}  "
+                  f"top-10% IoU {iou.mean():.3f}", flush=True)
+    return rows
+
+
 def interleaved(providers, rounds):
     """Milliseconds of each provider's calls, run round-robin (one warm-up round first) so that
     load from other users of this shared machine hits every provider alike."""
@@ -102,7 +139,9 @@ def main():
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = "triton" if device == "cuda" else "cpp"
-    table = BenchTable("cam", device, dtype="float32")
+    table = BenchTable("cam", device, dtype="float32 (bfloat16 rows: compute_dtype)", loadavg_start=os.getloadavg())
+    print("fidelity of bfloat16 against float32 maps")
+    table.meta["fidelity"] = fidelity_rows()
     bench_op(table, device, fast)
     torch.manual_seed(0)
     model = resnet50().eval().to(device)
@@ -110,8 +149,9 @@ def main():
     for batch in (8, 32) if args.batch32 or device == "cuda" else (8,):
         notes.append(f"B={batch}: top5/top1 {bench_grad_cam(table, model, batch, device):.2f}x")
     if device == "cpu":
-        notes.append("random-weight ResNet-50; shared 2-core machine, timings noisy")
-    table.report("; ".join(notes))
+        notes.append("random-weight ResNet-50; shared 2-core machine with other jobs, timings noisy")
+    table.meta["loadavg_end"] = os.getloadavg()
+    table.report("; ".join(notes + ["fidelity rows in meta.fidelity"]))
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from torch import nn
 from .._atomic import atomic_write, remove_stale_temps
 from .._checks import check_input, check_model, check_number, check_tensor
 from .._hooks import capture, explaining, explanation, layer_name, resolve_layer
+from .._precision import check_channels_last, check_compute_dtype, lowered
 from .._progress import progress_bar
 from ..ops import channel_topk_update, upsample_normalize
 from ..reference.topk import best_k, empty_topk
@@ -66,18 +67,25 @@ def _forward_until(model: nn.Module, x: torch.Tensor, layers: dict) -> None:
 
 
 @explanation(target=False)
-def layer_activations(model: nn.Module, x: torch.Tensor, layer) -> torch.Tensor:
+def layer_activations(model: nn.Module, x: torch.Tensor, layer, *, compute_dtype: torch.dtype | None = None,
+                      channels_last: bool | None = None) -> torch.Tensor:
     """The output of ``layer`` (module or dotted name) for images ``x [B, 3, H, W]``.
 
     One forward pass without grad, stopped after the layer. Returns the layer's output as it
     is (``[B, C, h, w]`` for a convolutional layer), detached, on ``x``'s device. The value
     is the layer's true output even when a later in-place ReLU overwrites it. The model runs
-    in eval mode and is left as found.
+    in eval mode and is left as found. compute_dtype / channels_last: the layers up to
+    ``layer`` run on a converted copy (``cnnviz_fast._precision``); the output is returned
+    in ``x``'s dtype (bfloat16: each value within 2**-8 of its magnitude times the depth's
+    accumulated rounding, fit for ranking and display, not for exact statistics).
     """
     module = resolve_layer(model, layer)
-    with capture(model, layer) as record:
-        _forward_until(model, x, {layer_name(model, module): module})
-    return record[layer]
+    runs, counterpart = lowered(model, x, compute_dtype, channels_last)
+    module = counterpart(module)
+    with capture(runs, module) as record:
+        _forward_until(runs, x, {layer_name(runs, module): module})
+    out = record[module]
+    return out.to(x.dtype).contiguous() if out.is_floating_point() else out
 
 
 def activation_grid(activations: torch.Tensor, channels=None, nrow: int = 8, size=None,
@@ -161,11 +169,18 @@ class TopKPatches:
     stops raises).
     k >= 1. channels: None (all), a list of indices for every layer, or ``{layer: list}``.
     backend: ``channel_topk_update``'s backend (default: automatic).
+    compute_dtype / channels_last: the layers run on a copy converted at the first ``update``
+    and kept for the run (``cnnviz_fast._precision``); activations are ranked in the images'
+    dtype. In bfloat16, channels whose top activations differ by less than 2**-8 of their
+    value may swap places in the ranking.
     Memory: ``3 * C * k`` numbers per layer, whatever the number of images.
     """
 
-    def __init__(self, model: nn.Module, layers, k: int = 9, channels=None, backend=None):
+    def __init__(self, model: nn.Module, layers, k: int = 9, channels=None, backend=None, *,
+                 compute_dtype: torch.dtype | None = None, channels_last: bool | None = None):
         check_model(model)
+        self.compute_dtype, self.channels_last = check_compute_dtype(compute_dtype), check_channels_last(channels_last)
+        self._lowered = None  # (model that runs, counterpart), made at the first update
         check_number("k", k, 1, integer=True)
         layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
         if not layers:
@@ -206,13 +221,19 @@ class TopKPatches:
 
         def make_hook(name):
             def hook(_module, _inputs, output):
+                if isinstance(output, torch.Tensor) and output.is_floating_point():
+                    output = output.to(images.dtype)
                 pending[name] = self._merge(name, output, ids.long())
             return hook
 
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in self._modules.items()]
+        if self._lowered is None:
+            self._lowered = lowered(self.model, images, self.compute_dtype, self.channels_last)
+        runs, counterpart = self._lowered
+        modules = {n: counterpart(m) for n, m in self._modules.items()}
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
         try:
             with explaining(self.model, images, "images"):
-                _forward_until(self.model, images, self._modules)
+                _forward_until(runs, images, modules)
         finally:
             for h in handles:
                 h.remove()
@@ -374,7 +395,8 @@ def _save_atomic(state: dict, path: Path) -> None:
 
 
 def top_k_patches(model: nn.Module, data, layers, k: int = 9, channels=None, batch_size: int = 64,
-                  checkpoint=None, every: int = 50, progress: bool | None = None, backend=None) -> dict:
+                  checkpoint=None, every: int = 50, progress: bool | None = None, backend=None, *,
+                  compute_dtype: torch.dtype | None = None, channels_last: bool | None = None) -> dict:
     """Run a whole dataset through ``model`` and return ``{layer: TopKResult}`` (see
     ``TopKPatches``): the k images and positions activating each channel most.
 
@@ -388,11 +410,13 @@ def top_k_patches(model: nn.Module, data, layers, k: int = 9, channels=None, bat
     load; a file that is not a checkpoint raises ``ValueError`` naming it. Results equal an
     uninterrupted run and do not depend on ``batch_size``.
     progress: a tqdm bar of images on stderr; None (default) shows it on an interactive terminal
-    once the run has taken a few seconds (``cnnviz_fast._progress``).
+    once the run has taken a few seconds (``cnnviz_fast._progress``). compute_dtype /
+    channels_last: see ``TopKPatches``.
     """
     check_number("batch_size", batch_size, 1, integer=True)
     check_number("every", every, 1, integer=True)
-    run = TopKPatches(model, layers, k=k, channels=channels, backend=backend)
+    run = TopKPatches(model, layers, k=k, channels=channels, backend=backend, compute_dtype=compute_dtype,
+                      channels_last=channels_last)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None:
         remove_stale_temps(path)

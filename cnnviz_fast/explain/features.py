@@ -38,6 +38,7 @@ from torch import nn
 from .._atomic import atomic_write, remove_stale_temps
 from .._checks import check_choice, check_input, check_model, check_number, check_tensor
 from .._hooks import capture, explaining, resolve_layer
+from .._precision import lowered, shared_copies
 from .._progress import progress_bar
 
 FORMAT_NAME = "cnnviz-fast.FeatureIndex"
@@ -103,7 +104,8 @@ def _pool(acts: torch.Tensor, pool: str) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64,
-          progress: bool | None = None) -> Embeddings:
+          progress: bool | None = None, *, compute_dtype: torch.dtype | None = None,
+          channels_last: bool | None = None) -> Embeddings:
     """One vector per image: the output of ``layer`` pooled over its spatial axes.
 
     data: an image tensor ``[N, C, H, W]``, an object with ``.batches(batch_size)`` (such as
@@ -115,6 +117,9 @@ def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64
     ``"none"`` (flatten ``C*H*W``). Activations already ``[B, D]`` are taken as they are.
     progress: a tqdm bar of images on stderr; None (default) shows it on an interactive
     terminal once the run has taken a few seconds (``cnnviz_fast._progress``).
+    compute_dtype / channels_last: the layers run on a copy converted once for the call
+    (``cnnviz_fast._precision``); activations are pooled in the images' dtype. bfloat16
+    vectors keep neighbour rankings but not exact distances.
 
     Returns ``Embeddings(vectors, ids)``: float32 ``[N, D]`` on the model's device, and the
     ids the data carried (a list) or, where it carried none, ``arange(N)`` (int64). An empty
@@ -129,12 +134,13 @@ def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     chunks, ids, count = [], [], 0
-    with explaining(model), capture(model, module) as record, \
-            progress_bar(progress, "embed", _image_count(data), "img") as bar:
+    with explaining(model), shared_copies(), progress_bar(progress, "embed", _image_count(data), "img") as bar:
         for images, batch_ids in _batches(data, batch_size):
             images = check_input(model, images.to(device), "data", ndim=images.dim())
-            model(images)
-            chunks.append(_pool(record[module], pool).float())
+            runs, counterpart = lowered(model, images, compute_dtype, channels_last)  # converted once
+            with capture(runs, counterpart(module)) as record:
+                runs(images)
+            chunks.append(_pool(record[counterpart(module)].to(images.dtype), pool).float())
             n = images.shape[0]
             if batch_ids is None:
                 ids.extend(range(count, count + n))

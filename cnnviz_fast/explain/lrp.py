@@ -31,6 +31,7 @@ from torch import nn
 
 from .._checks import check_number
 from .._hooks import explanation, frozen_parameters
+from .._precision import lowered
 from .._targets import target_scores
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -588,7 +589,8 @@ def _swapped_forwards(model, forwards):
 
 @explanation(ndim=(2, 3, 4, 5))
 def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *, epsilon: float = 1e-6,
-        gamma: float = 0.25, stabilizer: float = 1e-6, low=None, high=None, canonize: bool = True):
+        gamma: float = 0.25, stabilizer: float = 1e-6, low=None, high=None, canonize: bool = True,
+        compute_dtype: torch.dtype | None = None, channels_last: bool | None = None):
     """Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019), matching
     zennit's composites with their canonizers.
 
@@ -616,6 +618,10 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *,
             residual sum, as zennit's ``SequentialMergeBatchNorm``/``ResNetCanonizer`` do (like
             zennit's, the merged batch norm still divides by ``sqrt(1 + eps)``, so the relevance
             sums to the output of the canonized model, about ``1e-5`` relative off per batch norm).
+        compute_dtype, channels_last: the rules run on a copy of the model converted once per
+            call (``cnnviz_fast._precision``): ``torch.bfloat16`` puts the body's layers, their
+            folded batch norms and their rules' relevance in bfloat16, the ``nn.Linear`` layers
+            and the output relevance in ``x``'s dtype; the relevance comes back in ``x``'s dtype.
 
     Returns:
         Relevance with ``x``'s shape, dtype and device, ``[B, k, *x.shape[1:]]`` for ``[B, k]``
@@ -624,6 +630,7 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *,
         both round differently where a pre-activation is near zero, which on random-weight
         networks reaches 1e-3 to 1e-2 of the relevance scale for either library.
     """
+    model, _ = lowered(model, x, compute_dtype, channels_last)
     forwards = _plan(model, rules, epsilon, gamma, stabilizer, low, high, canonize)
     with frozen_parameters(model), _swapped_forwards(model, forwards), torch.enable_grad():
         x_in = x.detach().requires_grad_(True)

@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_choice, check_finite, check_number, pair
 from .._hooks import explanation
+from .._precision import check_compute_dtype
 from .._progress import progress_bar
 from .._targets import target_indices, target_scores
 
@@ -314,8 +315,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=16, stride=8, ba
         _check_stride("coarse_stride", coarse_stride, window, H, W)
         check_number("tau", tau, 0, 1, low_open=True, none=True)
         check_number("refine_fraction", refine_fraction, 0, 1)
-        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
-            raise TypeError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
+        compute_dtype = check_compute_dtype(compute_dtype)
     else:
         tau = compute_dtype = None
     # an empty batch has no image to build an engine from; its (empty) sweep runs exact

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .._checks import check_input, check_tensor
-from .._hooks import explaining
+from .._hooks import explanation
 from .._targets import target_indices
 from ..ops import upsample_normalize
 
@@ -190,6 +190,7 @@ def _the_head(model: nn.Module) -> ScouterHead:
     return heads[0]
 
 
+@explanation(target=False)  # checks x, explains in eval mode (warning about a training-mode model)
 def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="input",
                     normalize: bool = True) -> torch.Tensor:
     """SCOUTER's explanation: the attention of the classes' slots (summed per class), resized
@@ -204,7 +205,6 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     Returns ``[B, H, W]`` for an int / per-sample target, ``[B, k, H, W]`` for ``[B, k]`` and
     ``[B, num_classes, H, W]`` for None, of ``x``'s dtype on ``x``'s device.
     """
-    check_input(model, x)
     head = _the_head(model)
     if callable(target):
         raise TypeError("target: SCOUTER explains classes: expected an int, one int per sample or a "
@@ -214,7 +214,7 @@ def scouter_explain(model: nn.Module, x: torch.Tensor, target=None, *, size="inp
     record = {}
     handle = head.register_forward_hook(lambda _m, inputs, _out: record.update(features=inputs[0]))
     try:
-        with explaining(model, x), torch.no_grad():  # eval mode for the pass, the model's modes restored
+        with torch.no_grad():
             model(x)
             if "features" not in record:
                 raise ValueError("model: its ScouterHead did not run in the forward pass")
@@ -257,7 +257,7 @@ def train_scouter(model: ScouterModel, data, *, epochs: int, seed: int, batch_si
     _check_count("epochs", epochs)
     _check_count("batch_size", batch_size)
     images, labels = _images_labels(data)
-    check_input(model, images, name="data images")
+    check_input(model, images, name="images")
     was_training = model.training
     generator = torch.Generator().manual_seed(seed)
     if freeze_backbone:

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .. import _checks
-from .._checks import check_tensor
+from .._checks import check_input as check_model_input, check_tensor
 from .._targets import target_indices
 
 _CPU_MEMORY_BUDGET = 1 << 30
@@ -33,7 +32,7 @@ def check_model(model, x) -> None:
     if model.training:
         raise ValueError("model: is in training mode (dropout and batch-norm statistics would change "
                          "the scores); call model.eval() first, as Quantus requires")
-    _checks.check_input(model, x)
+    check_model_input(model, x)
 
 
 def check_input(x) -> torch.Tensor:
