@@ -31,16 +31,22 @@ def _install_torchvision_stand_in() -> None:
                         "torchvision.models.resnet": resnet})
 
 
-def import_zennit():
-    """The ``zennit`` package, or None when it is not installed (tests then skip)."""
-    if importlib.util.find_spec("zennit") is None:
-        return None
+def _torchvision_or_stand_in():
+    """The real torchvision where it loads, else the stand-in tree; returns the module."""
     try:
         import torchvision  # noqa: F401
     except Exception:  # any failure to load it (missing, or built against another torch)
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]  # drop what the failed import left half-initialised
         _install_torchvision_stand_in()
+    return sys.modules["torchvision"]
+
+
+def import_zennit():
+    """The ``zennit`` package, or None when it is not installed (tests then skip)."""
+    if importlib.util.find_spec("zennit") is None:
+        return None
+    _torchvision_or_stand_in()
     return importlib.import_module("zennit")
 
 
@@ -71,14 +77,7 @@ def _install_lucent_stand_ins() -> None:
             raise NotImplementedError(f"{name} is a test stand-in; Lucent called it unexpectedly")
         return fail
 
-    if "torchvision" not in sys.modules:
-        try:
-            import torchvision  # noqa: F401
-        except Exception:  # torchvision cannot load against this torch build
-            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-                del sys.modules[name]
-            _install_torchvision_stand_in()
-    torchvision = sys.modules["torchvision"]
+    torchvision = sys.modules.get("torchvision") or _torchvision_or_stand_in()
     if getattr(torchvision, "__cnnviz_stand_in__", False) and "torchvision.transforms" not in sys.modules:
         transforms = types.ModuleType("torchvision.transforms")
         transforms.Normalize = unused("torchvision.transforms.Normalize")
@@ -137,12 +136,6 @@ def import_pytorch_grad_cam():
     not installed. Without a loadable torchvision a stand-in tree is put in place first."""
     if any(importlib.util.find_spec(m) is None for m in ("pytorch_grad_cam", "cv2", "ttach")):
         return None
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        _install_torchvision_stand_in()
-    if getattr(sys.modules["torchvision"], "__cnnviz_stand_in__", False):
+    if getattr(_torchvision_or_stand_in(), "__cnnviz_stand_in__", False):
         _install_torchvision_for_grad_cam()
     return importlib.import_module("pytorch_grad_cam")

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_input, check_tensor
+from .._checks import check_input, check_number, check_tensor
 from .._hooks import explanation
 from .._targets import target_indices
 from ..ops import upsample_normalize
@@ -49,11 +49,7 @@ _PE_EPS = 1e-6
 
 
 def _check_count(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value}")
-    return value
+    return check_number(name, value, 1, integer=True)
 
 
 def _sine_position_embedding(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
