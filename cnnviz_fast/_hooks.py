@@ -153,6 +153,35 @@ def capture(model: nn.Module, layers, detach: bool = True, grad_leaf: bool = Fal
             h.remove()
 
 
+def layout_probe(model: nn.Module, x: torch.Tensor):
+    """``model(x)`` without gradients, in the layout the model runs fastest in, counting the
+    bytes of every leaf module's output (an upper bound of the pass's activations, which sizes
+    chunks of copies). Channels-last on CPU, where oneDNN's convolutions and pooling are faster
+    on it (VGG16 1.4x); a model that fails on it (``x.view(n, -1)``) runs channels-first.
+    Returns ``(output, activation bytes, layout)``."""
+    total = [0]
+
+    def count(_module, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if next(m.children(), None) is None]
+    layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    try:
+        with torch.no_grad():
+            try:
+                output = model(x.contiguous(memory_format=layout))
+            except RuntimeError:
+                if layout == torch.contiguous_format:
+                    raise
+                layout, total[0] = torch.contiguous_format, 0
+                output = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return output, total[0], layout
+
+
 @contextlib.contextmanager
 def frozen_parameters(model: nn.Module):
     """Switch parameter gradients off for the block, restoring every flag afterwards."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_choice, check_finite, check_number, pair
-from .._hooks import explanation
+from .._hooks import explanation, layout_probe
 from .._precision import check_compute_dtype
 from .._progress import progress_bar
 from .._targets import target_indices, target_scores
@@ -118,30 +118,9 @@ class _Sweep:
     def _clean_forward(self):
         """The clean output, and an upper bound of one sample's activation bytes (the sum of
         every leaf module's output) that sizes the chunks."""
-        total = [0]
-
-        def count(_module, _inputs, out):
-            if isinstance(out, torch.Tensor):
-                total[0] += out.numel() * out.element_size()
-
-        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
-        handles = [m.register_forward_hook(count) for m in leaves]
-        try:
-            # Channels-last on CPU, where oneDNN's convolutions and pooling are faster on it
-            # (VGG16 1.4x); a model that fails on it (``x.view(n, -1)``) runs channels-first.
-            self.layout = torch.channels_last if self.x.device.type == "cpu" else torch.contiguous_format
-            try:
-                output = self.model(self.x.contiguous(memory_format=self.layout))
-            except RuntimeError:
-                if self.layout == torch.contiguous_format:
-                    raise
-                self.layout, total[0] = torch.contiguous_format, 0
-                output = self.model(self.x)
-        finally:
-            for h in handles:
-                h.remove()
+        output, total, self.layout = layout_probe(self.model, self.x)
         sample = self.x.shape[1:].numel() * self.x.element_size()
-        return output, max(total[0] // max(self.x.shape[0], 1), sample) + sample
+        return output, max(total // max(self.x.shape[0], 1), sample) + sample
 
     def _drops_of(self, output, image_index):
         """``[n, k]`` drops: clean score minus the occluded copies' scores."""

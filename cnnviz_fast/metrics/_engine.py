@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_input as check_model_input, check_tensor
+from .._hooks import layout_probe
 from .._targets import target_indices
 
 _CPU_MEMORY_BUDGET = 1 << 30
@@ -112,28 +113,9 @@ def _probe(model, x):
     """The model on one image: an upper bound of one copy's activation bytes (every leaf
     module's output), the layout the model takes (channels-last on CPU unless the model fails
     on it, ``x.view``) and the output."""
-    total = [0]
-
-    def count(_module, _inputs, out):
-        if isinstance(out, torch.Tensor):
-            total[0] += out.numel() * out.element_size()
-
-    handles = [m.register_forward_hook(count) for m in model.modules() if next(m.children(), None) is None]
-    layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
-    try:
-        with torch.no_grad():
-            try:
-                output = model(x[:1].contiguous(memory_format=layout))
-            except RuntimeError:
-                if layout == torch.contiguous_format:
-                    raise
-                layout, total[0] = torch.contiguous_format, 0
-                output = model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    output, total, layout = layout_probe(model, x[:1])
     sample = x[0].numel() * x.element_size()
-    return max(total[0], sample) + 2 * sample, layout, output
+    return max(total, sample) + 2 * sample, layout, output
 
 
 def chunk_size(model, x, memory_budget=None, batch_size=None):
