@@ -48,6 +48,7 @@ def explaining(model: nn.Module, x: torch.Tensor | None = None, name: str = "x")
     def finished(_module, _inputs, _output):
         state["done"] = True
 
+    finished.cnnviz_internal = True  # not the user's: converted copies (_precision) leave it out
     handle = model.register_forward_hook(finished) if x is not None else None
     try:
         for m, _ in modes:  # eval() by its flags: some modules (torch.export's) refuse a call to eval()

@@ -330,13 +330,19 @@ def deeplift_rescale_relu_grad(grad: torch.Tensor, x: torch.Tensor, eps: float =
     impl = _backend.choose("deeplift_rescale_relu_grad", x, backend)
     if impl == "reference":
         return deeplift_rescale_relu_grad_ref(grad, x, eps)
-    grad, x = grad.detach().contiguous(), x.detach().contiguous()
+    # elementwise, and the halves are batch-major in either layout: channels-last stays so (a
+    # channels-first copy would make the convolutions' backward convert every gradient back)
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if cl else torch.contiguous_format
+    grad, x = grad.detach().contiguous(memory_format=layout), x.detach().contiguous(memory_format=layout)
     out = torch.empty_like(x)
+    flat = (lambda t: t.permute(0, 2, 3, 1)) if cl else (lambda t: t)  # dense, in memory order
     if impl == "cpp":
-        _backend.cpp_module().deeplift_rescale_relu_grad_cpu(grad.numpy(), x.numpy(), eps, out.numpy())
+        _backend.cpp_module().deeplift_rescale_relu_grad_cpu(flat(grad).numpy(), flat(x).numpy(), eps,
+                                                             flat(out).numpy())
     else:
         from .kernels.deeplift import deeplift_rescale_relu_grad_triton
-        deeplift_rescale_relu_grad_triton(grad, x, eps, out)
+        deeplift_rescale_relu_grad_triton(flat(grad), flat(x), eps, flat(out))
     return out
 
 

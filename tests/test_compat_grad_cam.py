@@ -28,10 +28,10 @@ def run_peer(cls, model, layers, x, targets, **kw):
         return cam(x, targets=targets, **kw), cam.outputs
 
 
-def assert_maps_equal(a, b):
+def assert_maps_equal(a, b, atol=ATOL):
     assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == b.shape, (type(a), a.shape, b.shape)
     err = np.abs(a - b)
-    assert err.max() <= ATOL, f"max difference {err.max():.3e} at {np.unravel_index(err.argmax(), err.shape)}"
+    assert err.max() <= atol, f"max difference {err.max():.3e} at {np.unravel_index(err.argmax(), err.shape)}"
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +236,14 @@ def test_faster_rcnn_box_score_target():
     labels = ([1], [2])
     mine = [ours.FasterRCNNBoxScoreTarget(labels=lb, bounding_boxes=bb) for lb, bb in zip(labels, refs)]
     theirs = [peer_targets().FasterRCNNBoxScoreTarget(labels=lb, bounding_boxes=bb) for lb, bb in zip(labels, refs)]
+    # the backbone's six batch norms run folded into their convolutions (cnnviz's CPU default),
+    # float32 rounding apart from the original's order: 1.3e-5 of the map's scale seen here
     a = ours.EigenCAM(model, [model.backbone])(x, targets=mine)
     b, _ = run_peer("EigenCAM", model, [model.backbone], x, theirs)
-    assert_maps_equal(a, b)
+    assert_maps_equal(a, b, atol=5e-5)
     a = ours.GradCAM(model, [model.backbone])(x, targets=mine)
     b, _ = run_peer("GradCAM", model, [model.backbone], x, theirs)
-    assert_maps_equal(a, b)
+    assert_maps_equal(a, b, atol=5e-5)
 
 
 def test_box_iou_by_hand():

@@ -117,7 +117,8 @@ def test_saliency_guided_deconvnet_match_captum(arch):
 def test_integrated_gradients_match_captum(arch, method):
     name, model, x, t = arch
     baseline = torch.rand(1, *x.shape[1:]) * 0.5
-    attr, delta = integrated_gradients(model, x, t, baseline=baseline, steps=5, method=method, return_delta=True)
+    attr, delta = integrated_gradients(model, x, t, baseline=baseline, steps=5, method=method, return_delta=True,
+                                       channels_last=False)  # the model as given: rounds as Captum does
     ref, ref_delta = _captum(captum_attr.IntegratedGradients, model, x, baselines=baseline, target=t, n_steps=5,
                              method=method, return_convergence_delta=True)
     assert_attr_close(attr, ref, what=f"{name} IG {method}")
@@ -133,7 +134,8 @@ def test_smoothgrad_matches_noise_tunnel_at_fixed_noise(arch):
     torch.manual_seed(7)
     ref = _captum(captum_attr.NoiseTunnel, captum_attr.Saliency(model), x, nt_type="smoothgrad", nt_samples=3,
                   stdevs=0.15, target=t)
-    ours = smoothgrad(model, x, t, n_samples=3, noise=0.15, generator=torch.Generator().manual_seed(7))
+    ours = smoothgrad(model, x, t, n_samples=3, noise=0.15, generator=torch.Generator().manual_seed(7),
+                      channels_last=False)
     assert_attr_close(ours, ref, what=f"{name} smoothgrad")
 
 

@@ -87,13 +87,14 @@ def zoo():
 
 
 def _relevance(library, model, x, target, rules, low, high, model_name, dtype):
-    """Our or zennit's relevance in ``dtype``; the model is converted and converted back (exact)."""
+    """Our or zennit's relevance in ``dtype``; the model is converted and converted back (exact).
+    Ours on the model as given (``channels_last=False``), so both round alike."""
     low, high = (torch.as_tensor(b, dtype=dtype) for b in (low, high))
     model.to(dtype)
     try:
         x = x.to(dtype)
         if library == "ours":
-            return lrp(model, x, target, rules, low=low, high=high)
+            return lrp(model, x, target, rules, low=low, high=high, channels_last=False)
         return _zennit_relevance(model, x, target, _composite(rules, model_name, low, high))
     finally:
         model.float()

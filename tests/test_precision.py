@@ -1,6 +1,6 @@
 """compute_dtype and channels_last across the gradient and CAM families (cnnviz_fast._precision):
-float32 unchanged, bfloat16 close to float32 on the trained default model, channels-last equal
-to channels-first, the user's model untouched, bad values named."""
+float32 unchanged, bfloat16 close to float32 on the trained default model, channels-last with
+folded batch norms equal to the model as given, the user's model untouched, bad values named."""
 import pytest
 import torch
 from torch import nn
@@ -35,9 +35,6 @@ METHODS = {
     "score_cam": lambda m, x, t, **k: cf.score_cam(m, x, t, LAYER, **k),
     "cam": lambda m, x, t, **k: cf.cam(m, x, t, **k),
 }
-
-
-CAM_FAMILY = {"grad_cam", "grad_cam_pp", "layer_cam", "score_cam", "cam"}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +73,7 @@ def test_channels_last_equals_channels_first(name, trained, float32_maps):
     model, x, t = trained
     ref = METHODS[name](model, x, t, channels_last=False)
     got = METHODS[name](model, x, t, channels_last=True)
-    if name in CAM_FAMILY:  # channels-last by default on CPU
-        assert torch.equal(float32_maps[name], got)
+    assert torch.equal(float32_maps[name], got)  # channels-last, batch norms folded by default on CPU
     # float32 rounding differs between the layouts' kernels; where it flips a ReLU's sign at a
     # kink (SmoothGrad's noisy copies find some) a gradient changes beyond rounding, so a few
     # pixels may stray: at most 0.2% of them (SmoothGrad: 2%, one flip early in the body
@@ -184,8 +180,9 @@ def test_top_k_patches_in_bfloat16_converts_once_and_finds_the_same_images(train
     convert = _precision._convert
     monkeypatch.setattr(_precision, "_convert", lambda *a: calls.append(1) or convert(*a))
     ref = cf.top_k_patches(model, x, LAYER, k=2, batch_size=2)[LAYER]
+    assert len(calls) == 1  # one (channels-last, folded) copy for the three batches
     low = cf.top_k_patches(model, x, LAYER, k=2, batch_size=2, compute_dtype=torch.bfloat16)[LAYER]
-    assert len(calls) == 1  # one copy for the three batches
+    assert len(calls) == 2  # and one bfloat16 copy
     # the best image of most channels survives bfloat16's rounding
     assert float((low.ids[:, 0] == ref.ids[:, 0]).float().mean()) >= 0.8
 
@@ -214,3 +211,78 @@ def test_occlusion_shares_the_compute_dtype_check(trained):
     model, x, t = trained
     with pytest.raises(TypeError, match="compute_dtype: expected None or a floating torch.dtype"):
         cf.occlusion(model, x[:1], t[:1], window=16, stride=16, mode="approximate", compute_dtype="int8")
+
+
+class _ConvBnNet(nn.Module):
+    """A conv whose output feeds a batch norm and a second, unshared conv + batch norm; not an
+    nn.Sequential, so the pairs come from the fx trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batch_norms_fold_into_their_convolutions_in_the_copy_only():
+    torch.manual_seed(0)
+    model = _ConvBnNet().eval()
+    x = torch.randn(2, 3, 10, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runs, counterpart = _precision.lowered(model, x)
+    assert _precision._conv_bn_pairs(model) == [("conv1", "bn1"), ("conv2", "bn2")]
+    assert not torch.equal(counterpart(model.conv2).weight, model.conv2.weight)  # folded
+    assert counterpart(model.conv2).bias is not None and model.conv2.bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(runs(x), model(x), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert "forward" not in model.bn1.__dict__  # the user's batch norms still normalize
+    # reused while the model is unchanged, made again after an in-place parameter update
+    assert _precision.lowered(model, x)[0] is runs
+    with torch.no_grad():
+        model.bn2.running_mean.add_(0.1)
+    again, _ = _precision.lowered(model, x)
+    assert again is not runs
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_whose_output_is_read_keeps_its_batch_norm():
+    torch.manual_seed(0)
+    model = _ConvBnNet().eval()
+    x = torch.randn(2, 3, 10, 10)
+    got = cf.layer_activations(model, x, "conv2")
+    want = cf.layer_activations(model, x, "conv2", channels_last=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _, counterpart = _precision.lowered(model, x, keep=(model.conv2,))
+    assert counterpart(model.conv2).bias is None  # not folded
+    assert counterpart(model.conv1).bias is not None  # folded
+
+
+def test_user_hooks_keep_their_batch_norm_and_a_training_batch_norm_is_not_folded():
+    model = _ConvBnNet().eval()
+    x = torch.randn(2, 3, 10, 10)
+    seen = []
+    handle = model.conv1.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        runs, counterpart = _precision.lowered(model, x)
+        assert counterpart(model.conv1).bias is model.conv1.bias or torch.equal(
+            counterpart(model.conv1).bias, model.conv1.bias)
+        assert counterpart(model.conv2).bias is not None
+    finally:
+        handle.remove()
+    model.bn2.train()
+    _, counterpart = _precision.lowered(model, x)
+    assert counterpart(model.conv2).bias is None
+

@@ -80,7 +80,7 @@ def layer_activations(model: nn.Module, x: torch.Tensor, layer, *, compute_dtype
     accumulated rounding, fit for ranking and display, not for exact statistics).
     """
     module = resolve_layer(model, layer)
-    runs, counterpart = lowered(model, x, compute_dtype, channels_last)
+    runs, counterpart = lowered(model, x, compute_dtype, channels_last, keep=(module,))
     module = counterpart(module)
     with capture(runs, module) as record:
         _forward_until(runs, x, {layer_name(runs, module): module})
@@ -227,7 +227,8 @@ class TopKPatches:
             return hook
 
         if self._lowered is None:
-            self._lowered = lowered(self.model, images, self.compute_dtype, self.channels_last)
+            self._lowered = lowered(self.model, images, self.compute_dtype, self.channels_last,
+                                   keep=tuple(self._modules.values()))
         runs, counterpart = self._lowered
         modules = {n: counterpart(m) for n, m in self._modules.items()}
         handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]

@@ -44,13 +44,6 @@ _FORWARD_FACTOR = 16
 _GRAD_CAM_PP_EPS = 1e-6
 
 
-def _channels_last(channels_last):
-    """The CAM family runs on channels-last copies on CPU by default, in float32 too: its cost
-    is the forward pass, where oneDNN gains most (``bench_cam.py``: Grad-CAM on ResNet-50 1.2x
-    faster); the gradient family keeps it for lower precision (``_precision.lowered``)."""
-    return True if channels_last is None else channels_last
-
-
 def _out_size(size, x):
     return tuple(x.shape[-2:]) if isinstance(size, str) and size == "input" else size
 
@@ -132,7 +125,7 @@ def _gradients(model, x, module, target, fc):
 def _layer_gradients(model, x, layer, target, compute_dtype, channels_last):
     """``_gradients`` of ``layer`` on the model that runs (``_precision.lowered``)."""
     module = resolve_layer(model, layer)
-    runs, counterpart = lowered(model, x, compute_dtype, _channels_last(channels_last))
+    runs, counterpart = lowered(model, x, compute_dtype, channels_last, keep=(module,))
     return _gradients(runs, x, counterpart(module), target, _last_linear(runs))
 
 
@@ -160,7 +153,7 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, relu: bo
     if callable(target):
         raise TypeError("target: cam takes class indices, not a callable (use grad_cam)")
     module = None if layer is None else resolve_layer(model, layer)
-    runs, counterpart = lowered(model, x, compute_dtype, _channels_last(channels_last))
+    runs, counterpart = lowered(model, x, compute_dtype, channels_last, keep=() if module is None else (module,))
     fc = counterpart(fc)
     module = _gap_layer(runs, x, fc) if module is None else counterpart(module)
     with torch.no_grad(), capture(runs, module) as record, _record_head(fc) as head:
@@ -301,7 +294,7 @@ def score_cam(model: nn.Module, x: torch.Tensor, target, layer, batch_size: int 
     """
     module = resolve_layer(model, layer)
     chunk = _score_cam_chunk(x, batch_size)
-    model, counterpart = lowered(model, x, compute_dtype, _channels_last(channels_last))
+    model, counterpart = lowered(model, x, compute_dtype, channels_last, keep=(module,))
     module = counterpart(module)
     with torch.no_grad(), capture(model, module) as record:
         output = model(x)

@@ -38,7 +38,7 @@ from torch import nn
 from .._atomic import atomic_write, remove_stale_temps
 from .._checks import check_choice, check_input, check_model, check_number, check_tensor
 from .._hooks import capture, explaining, resolve_layer
-from .._precision import lowered, shared_copies
+from .._precision import lowered
 from .._progress import progress_bar
 
 FORMAT_NAME = "cnnviz-fast.FeatureIndex"
@@ -134,10 +134,10 @@ def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     chunks, ids, count = [], [], 0
-    with explaining(model), shared_copies(), progress_bar(progress, "embed", _image_count(data), "img") as bar:
+    with explaining(model), progress_bar(progress, "embed", _image_count(data), "img") as bar:
         for images, batch_ids in _batches(data, batch_size):
             images = check_input(model, images.to(device), "data", ndim=images.dim())
-            runs, counterpart = lowered(model, images, compute_dtype, channels_last)  # converted once
+            runs, counterpart = lowered(model, images, compute_dtype, channels_last, keep=(module,))
             with capture(runs, counterpart(module)) as record:
                 runs(images)
             chunks.append(_pool(record[counterpart(module)].to(images.dtype), pool).float())

@@ -35,7 +35,7 @@ from torch import nn
 
 from .._checks import check_finite, check_number, check_same_device, check_tensor
 from .._hooks import explanation, frozen_parameters, score_gradients
-from .._precision import lowered, shared_copies
+from .._precision import lowered
 from .._progress import progress_bar
 from .._targets import target_scores
 from ..ops import deeplift_rescale_relu_grad
@@ -326,7 +326,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     precision = {} if compute_dtype is None and channels_last is None else \
         {"compute_dtype": compute_dtype, "channels_last": channels_last}
     total = None
-    with progress_bar(progress, "smoothgrad", rows, "copy") as bar, shared_copies():
+    with progress_bar(progress, "smoothgrad", rows, "copy") as bar:
         runs, _ = lowered(model, x, compute_dtype, channels_last)
         for start, stop in _row_chunks(runs, x, rows, batch_size, memory_budget, method):
             sample = torch.arange(start, stop, device=x.device) // n_samples

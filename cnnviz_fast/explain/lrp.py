@@ -630,7 +630,7 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *,
         both round differently where a pre-activation is near zero, which on random-weight
         networks reaches 1e-3 to 1e-2 of the relevance scale for either library.
     """
-    model, _ = lowered(model, x, compute_dtype, channels_last)
+    model, _ = lowered(model, x, compute_dtype, channels_last, fold=False)
     forwards = _plan(model, rules, epsilon, gamma, stabilizer, low, high, canonize)
     with frozen_parameters(model), _swapped_forwards(model, forwards), torch.enable_grad():
         x_in = x.detach().requires_grad_(True)

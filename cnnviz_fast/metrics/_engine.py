@@ -1,5 +1,6 @@
 """The perturbation engine shared by the faithfulness metrics: argument checks, baselines,
-ranks, and the streaming of every perturbed copy through the model.
+ranks, and the streaming of every perturbed copy through the model (or its converted copy,
+``cnnviz_fast._precision``).
 
 All steps of all images go through the model in chunks of as many copies as a memory budget
 holds; ``ops.perturb_by_rank`` writes each chunk straight into its batch buffer (channels-last
@@ -15,6 +16,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_input as check_model_input, check_tensor
 from .._hooks import layout_probe
+from .._precision import lowered
 from .._targets import target_indices
 
 _CPU_MEMORY_BUDGET = 1 << 30
@@ -137,17 +139,22 @@ def scores_fn(softmax: bool):
 
 
 def step_scores(model, x, target, ranks, steps: range, features_in_step: int, baseline: torch.Tensor,
-                softmax: bool = True, memory_budget=None, batch_size=None, backend=None) -> torch.Tensor:
+                softmax: bool = True, memory_budget=None, batch_size=None, backend=None, compute_dtype=None,
+                channels_last=None) -> torch.Tensor:
     """``[B, len(steps)]``: the target's score on step s of every image, where step s replaces
     the features of rank ``< s * features_in_step`` by the baseline (step 0 is the clean image).
 
     Chunks: whole images with all their steps when one image's steps fit, else one image's
     steps in equal runs of at most the chunk size; one ``perturb_by_rank`` call and one
-    forward pass each.
+    forward pass each, on the model ``_precision.lowered`` gives (``compute_dtype``,
+    ``channels_last``: a channels-last copy with folded batch norms on CPU by default).
     """
     B = x.shape[0]
     S = len(steps)
+    model, _ = lowered(model, x, compute_dtype, channels_last)
     chunk, layout, probe = chunk_size(model, x, memory_budget, batch_size)
+    if channels_last is False:
+        layout = torch.contiguous_format
     if probe.dim() != 2:
         raise ValueError(f"model: expected a [B, classes] output, got shape {list(probe.shape)}")
     if callable(target):

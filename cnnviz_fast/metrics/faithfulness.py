@@ -25,7 +25,8 @@ def _prepare(model, x, attributions, name="attributions"):
 
 
 def pixel_flipping(model, x, target, attributions, *, features_in_step: int = 1, baseline=0.0,
-                   softmax: bool = True, memory_budget=None, batch_size=None, backend=None) -> torch.Tensor:
+                   softmax: bool = True, memory_budget=None, batch_size=None, backend=None,
+                   compute_dtype=None, channels_last=None) -> torch.Tensor:
     """Pixel flipping (Bach et al. 2015): the target's score as features are removed, most
     relevant first.
 
@@ -34,6 +35,11 @@ def pixel_flipping(model, x, target, attributions, *, features_in_step: int = 1,
     are replaced per step (it must divide their number). baseline: a float, a tensor
     broadcastable to x, ``"mean"`` (each image's mean), ``"black"``/``"white"`` (each image's
     min/max, as Quantus) or ``"blur"``. softmax: score probabilities rather than logits.
+    compute_dtype / channels_last: as the explanation methods' (``cnnviz_fast._precision``): by
+    default the copies run on a channels-last copy of the model with its batch norms folded
+    into their convolutions on CPU (the default model's forward 1.35x faster; scores equal to
+    float32 rounding), ``channels_last=False`` runs the model as given, ``compute_dtype=
+    torch.bfloat16`` its body in bfloat16 with the head and the scores in x's dtype.
     Returns ``[B, steps]`` (steps = features / features_in_step): the score after each step,
     on x's device.
 
@@ -53,7 +59,8 @@ def pixel_flipping(model, x, target, attributions, *, features_in_step: int = 1,
                          f"of attributions {list(attributions.shape[1:])}")
     steps = range(1, features // features_in_step + 1)
     return step_scores(model, x, target, descending_ranks(attributions), steps, features_in_step,
-                       baseline_tensor(baseline, x), softmax, memory_budget, batch_size, backend)
+                       baseline_tensor(baseline, x), softmax, memory_budget, batch_size, backend,
+                       compute_dtype, channels_last)
 
 
 def _region_ranks(attributions, patch_size: int, order: str) -> tuple[torch.Tensor, int]:
@@ -76,7 +83,7 @@ def _region_ranks(attributions, patch_size: int, order: str) -> tuple[torch.Tens
 
 def region_perturbation(model, x, target, attributions, *, patch_size: int = 8, order: str = "morf",
                         regions: int = 100, baseline=0.0, softmax: bool = True, memory_budget=None,
-                        batch_size=None, backend=None) -> torch.Tensor:
+                        batch_size=None, backend=None, compute_dtype=None, channels_last=None) -> torch.Tensor:
     """Region perturbation (Samek et al. 2017, "Evaluating the visualization of what a deep
     neural network has learned"): square regions removed in order of their summed attribution.
 
@@ -97,7 +104,7 @@ def region_perturbation(model, x, target, attributions, *, patch_size: int = 8, 
     ranks, n_regions = _region_ranks(attributions, patch_size, order)
     steps = range(0, min(regions, n_regions) + 1)
     scores = step_scores(model, x, target, ranks, steps, 1, baseline_tensor(baseline, x), softmax,
-                         memory_budget, batch_size, backend)
+                         memory_budget, batch_size, backend, compute_dtype, channels_last)
     return scores[:, :1] - scores[:, 1:]
 
 
@@ -112,7 +119,7 @@ def _resized_saliency(saliency, x):
     return saliency.to(x.device)
 
 
-def _causal(model, x, target, saliency, steps, start, finish, softmax, memory_budget, batch_size, backend):
+def _causal(model, x, target, saliency, steps, start, finish, softmax, *engine):
     check_input(x)
     check_model(model, x)
     saliency = _resized_saliency(saliency, x)
@@ -120,12 +127,12 @@ def _causal(model, x, target, saliency, steps, start, finish, softmax, memory_bu
     H, W = x.shape[2:]
     per_step = -(-H * W // steps)
     curves = step_scores(model, start, target, descending_ranks(saliency), range(0, steps + 1), per_step,
-                         finish, softmax, memory_budget, batch_size, backend)
+                         finish, softmax, *engine)
     return curves, auc(curves, dx=1.0 / steps)
 
 
 def deletion(model, x, target, saliency, *, steps: int = 100, baseline=0.0, softmax: bool = True,
-             memory_budget=None, batch_size=None, backend=None):
+             memory_budget=None, batch_size=None, backend=None, compute_dtype=None, channels_last=None):
     """Deletion (Petsiuk et al. 2018, RISE): the score as the most salient pixels are set to the
     baseline, ``ceil(H * W / steps)`` pixels per step.
 
@@ -133,22 +140,23 @@ def deletion(model, x, target, saliency, *, steps: int = 100, baseline=0.0, soft
     ``(curves [B, steps + 1], auc [B])``: the score at 0, 1, ..., steps steps (the first is the
     clean image) and the trapezoid area over the removed fraction in [0, 1] (lower is better).
     Equals RISE's ``CausalMetric('del', step, torch.zeros_like)`` with ``step = ceil(H*W/steps)``
-    and the target class instead of the top-1 class; ``baseline`` as ``pixel_flipping``.
+    and the target class instead of the top-1 class; ``baseline`` and the rest as ``pixel_flipping``.
     """
     check_input(x)
     return _causal(model, x, target, saliency, steps, x, baseline_tensor(baseline, x), softmax,
-                   memory_budget, batch_size, backend)
+                   memory_budget, batch_size, backend, compute_dtype, channels_last)
 
 
 def insertion(model, x, target, saliency, *, steps: int = 100, softmax: bool = True, memory_budget=None,
-              batch_size=None, backend=None):
+              batch_size=None, backend=None, compute_dtype=None, channels_last=None):
     """Insertion (Petsiuk et al. 2018, RISE): the score as the most salient pixels of x are put
     back into a blurred copy (RISE's 11-tap Gaussian, sigma 5). Returns ``(curves [B, steps + 1],
     auc [B])`` as ``deletion`` (higher is better). Equals RISE's ``CausalMetric('ins', step,
     blur)`` with ``step = ceil(H*W/steps)`` and the target class instead of the top-1 class.
     """
     check_input(x)
-    return _causal(model, x, target, saliency, steps, blur(x), x, softmax, memory_budget, batch_size, backend)
+    return _causal(model, x, target, saliency, steps, blur(x), x, softmax, memory_budget, batch_size, backend,
+                   compute_dtype, channels_last)
 
 
 def auc(curves: torch.Tensor, dx: float = 1.0) -> torch.Tensor:
@@ -166,7 +174,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def faithfulness_correlation(model, x, target, attributions, *, runs: int = 100, subset_size: int = 224,
                              baseline=0.0, softmax: bool = True, seed: int = 0, memory_budget=None,
-                             batch_size=None, backend=None) -> torch.Tensor:
+                             batch_size=None, backend=None, compute_dtype=None, channels_last=None) -> torch.Tensor:
     """Faithfulness correlation (Bhatt et al. 2020, "Evaluating and aggregating feature-based
     model explanations"): over ``runs`` random subsets of ``subset_size`` features, the Pearson
     correlation between the subsets' attribution sums and the score drops their removal causes.
@@ -187,7 +195,7 @@ def faithfulness_correlation(model, x, target, attributions, *, runs: int = 100,
     g = torch.Generator().manual_seed(seed)
     ranks = torch.stack([torch.randperm(features, generator=g) for _ in range(B * runs)]).to(x.device)
     base = baseline_tensor(baseline, x)
-    engine = (softmax, memory_budget, batch_size, backend)
+    engine = (softmax, memory_budget, batch_size, backend, compute_dtype, channels_last)
     clean = step_scores(model, x, target, descending_ranks(attributions), range(0, 1), 1, base, *engine)
     perturbed = step_scores(model, x.repeat_interleave(runs, 0), repeat_target(target, B, runs),
                             ranks.view(B * runs, *attributions.shape[1:]), range(1, 2), subset_size,

@@ -49,6 +49,15 @@ def test_matches_reference(backend, shape):
     assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-6, what=f"{backend} vs float64 {shape}")
 
 
+@pytest.mark.parametrize("backend", fast_backends())
+def test_channels_last_stays_channels_last(backend):
+    x = stacked((2, 5, 7, 3)).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    got = deeplift_rescale_relu_grad(grad, x, 1e-10, backend=backend)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    assert_close(got, deeplift_rescale_relu_grad_ref(grad, x, 1e-10), rtol=0, atol=0, what=f"{backend} channels-last")
+
+
 def test_reference_golden():
     x = torch.tensor([[2.0, -1.0, 3.0, 0.5, -1.0], [1.0, -2.0, 3.0, -0.5, -1.0]])
     grad = torch.tensor([[1.0, 1.0, 2.0, 4.0, 1.0], [3.0, 1.0, 5.0, 2.0, 1.0]])
