@@ -18,9 +18,10 @@ scaled to [0, 1]; or float ``[C, H, W]`` arrays, taken as they are) and an integ
 (``id``, >= 0). Without an id column, a ``path`` column (``read_images(...,
 include_paths=True)``) gives each image the rank of its path among the sorted paths as id.
 
-Each actor takes one CPU (plus ``num_gpus_per_actor`` GPUs): on a machine where the actors
-take every CPU, a dataset that still has to be read (``read_images``) finds no CPU for its
-read tasks and waits forever; keep ``num_actors`` below the CPU count there, or read first
+Each actor takes one CPU and runs one thread (Ray sets ``OMP_NUM_THREADS`` to its CPUs),
+plus ``num_gpus_per_actor`` GPUs. Where the actors take every CPU of the cluster, a dataset
+that still has to be read (``read_images``) would find no CPU for its read tasks and Ray
+Data would wait forever: such a dataset is read into the object store first
 (``ds.materialize()``).
 
 Ray is imported inside the functions: ``import cnnviz_fast`` never imports it
@@ -147,7 +148,13 @@ def _map(ds, cls, kwargs, batch_size, num_actors, num_gpus_per_actor):
     _check_positive("num_actors", num_actors)
     if num_gpus_per_actor < 0:
         raise ValueError(f"num_gpus_per_actor: expected >= 0, got {num_gpus_per_actor!r}")
+    ray = _ray()
     from ray.data import ActorPoolStrategy
+    from ray.data.dataset import MaterializedDataset
+    if not isinstance(ds, MaterializedDataset) and num_actors >= ray.cluster_resources().get("CPU", 0):
+        # the actors (one CPU each) would leave no CPU for the dataset's own read tasks, and
+        # Ray Data would wait for one forever: read it into the object store first
+        ds = ds.materialize()
     return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size,
                           compute=ActorPoolStrategy(size=num_actors), num_gpus=num_gpus_per_actor,
                           batch_format="numpy")

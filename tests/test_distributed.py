@@ -90,7 +90,9 @@ def _assert_topk_equal(got, expected):
 
 
 def test_top_k_patches_ray_equals_single_process(cluster, images, ids):
-    got = dist.top_k_patches_ray(_dataset(images, ids), _integer_net, ["1", "4"], k=5, batch_size=7,
+    # a dataset still to be computed (a map task), with actors on both CPUs: read first, not stalled
+    lazy = _dataset(images, ids).map_batches(lambda batch: batch)
+    got = dist.top_k_patches_ray(lazy, _integer_net, ["1", "4"], k=5, batch_size=7,
                                  num_actors=2)
     expected = cf.top_k_patches(_integer_net(), zip(images.split(9), ids.split(9)), ["1", "4"], k=5,
                                 progress=False)
