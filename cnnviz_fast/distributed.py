@@ -18,9 +18,10 @@ scaled to [0, 1]; or float ``[C, H, W]`` arrays, taken as they are) and an integ
 (``id``, >= 0). Without an id column, a ``path`` column (``read_images(...,
 include_paths=True)``) gives each image the rank of its path among the sorted paths as id.
 
-Each actor takes one CPU (plus ``num_gpus_per_actor`` GPUs): on a machine where the actors
-take every CPU, a dataset that still has to be read (``read_images``) finds no CPU for its
-read tasks and waits forever; keep ``num_actors`` below the CPU count there, or read first
+Each actor takes one CPU and runs one thread (Ray sets ``OMP_NUM_THREADS`` to its CPUs),
+plus ``num_gpus_per_actor`` GPUs. Where the actors take every CPU of the cluster, a dataset
+that still has to be read (``read_images``) would find no CPU for its read tasks and Ray
+Data would wait forever: such a dataset is read into the object store first
 (``ds.materialize()``).
 
 Ray is imported inside the functions: ``import cnnviz_fast`` never imports it
@@ -28,6 +29,7 @@ Ray is imported inside the functions: ``import cnnviz_fast`` never imports it
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -74,6 +76,30 @@ def _id_lookup(ds, id_column: str, image_column: str):
     return {p: i for i, p in enumerate(sorted(ds.unique("path"), key=Path))}  # as dataset_items numbers them
 
 
+def _stacked(x: np.ndarray, column: str) -> np.ndarray:
+    """A batch of an image column as one array ``[B, ...]`` (Ray gives differently shaped
+    images as an object array)."""
+    if x.dtype == object:
+        shapes = {a.shape for a in x}
+        if len(shapes) > 1:
+            raise ValueError(f"{column}: images of several shapes {sorted(shapes)} in one batch; resize "
+                             f"them first (read_images(size=...))")
+        x = np.stack(list(x))
+    return x
+
+
+def _images(x: np.ndarray, column: str) -> torch.Tensor:
+    """A stacked image batch -> float32 ``[B, C, H, W]``: uint8 ``[B, H, W(, C)]`` (as
+    ``read_images`` gives) scaled to [0, 1], float ``[B, C, H, W]`` taken as it is."""
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    if images.dtype == torch.uint8:
+        images = (images[..., None] if images.dim() == 3 else images).permute(0, 3, 1, 2).float() / 255
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"{column}: expected uint8 [H, W, C] or float [C, H, W] images, got "
+                         f"{images.dtype} batch {list(images.shape)}")
+    return images
+
+
 class _Rows:
     """A Ray batch (dict of numpy arrays) -> ``(images float32 [B, C, H, W], ids int64 [B])``."""
 
@@ -86,19 +112,7 @@ class _Rows:
         return torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def __call__(self, batch: dict):
-        x = batch[self.image_column]
-        if x.dtype == object:  # a column of differently shaped arrays
-            shapes = {a.shape for a in x}
-            if len(shapes) > 1:
-                raise ValueError(f"{self.image_column}: images of several shapes {sorted(shapes)} in one "
-                                 f"batch; resize them first (read_images(size=...))")
-            x = np.stack(list(x))
-        images = torch.from_numpy(np.ascontiguousarray(x))
-        if images.dtype == torch.uint8:  # read_images: [B, H, W(, C)] bytes
-            images = (images[..., None] if images.dim() == 3 else images).permute(0, 3, 1, 2).float() / 255
-        if images.dim() != 4 or not images.is_floating_point():
-            raise ValueError(f"{self.image_column}: expected uint8 [H, W, C] or float [C, H, W] images, got "
-                             f"{images.dtype} batch {list(images.shape)}")
+        images = _images(_stacked(batch[self.image_column], self.image_column), self.image_column)
         if self.paths is None:
             ids = torch.from_numpy(np.array(batch[self.id_column]))  # a copy: Ray's arrays are read-only
         else:
@@ -134,7 +148,13 @@ def _map(ds, cls, kwargs, batch_size, num_actors, num_gpus_per_actor):
     _check_positive("num_actors", num_actors)
     if num_gpus_per_actor < 0:
         raise ValueError(f"num_gpus_per_actor: expected >= 0, got {num_gpus_per_actor!r}")
+    ray = _ray()
     from ray.data import ActorPoolStrategy
+    from ray.data.dataset import MaterializedDataset
+    if not isinstance(ds, MaterializedDataset) and num_actors >= ray.cluster_resources().get("CPU", 0):
+        # the actors (one CPU each) would leave no CPU for the dataset's own read tasks, and
+        # Ray Data would wait for one forever: read it into the object store first
+        ds = ds.materialize()
     return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size,
                           compute=ActorPoolStrategy(size=num_actors), num_gpus=num_gpus_per_actor,
                           batch_format="numpy")
@@ -243,21 +263,81 @@ def load_embeddings(out) -> Embeddings:
 # ----------------------------------------------------------------------------- explanations
 
 def dataset_items(ds):
-    """The images a Ray Dataset lists, as ``explain_dataset`` numbers them: its ``path`` column
-    sorted (as an image folder's files are), with its ``label`` column (ints) if any."""
+    """The images of a Ray Dataset as ``explain_dataset`` numbers them, with its ``label``
+    column (ints) if any. With a ``path`` column: the paths sorted (as an image folder's
+    files are), decoded from their files where they are explained. Else from the ``image``
+    column alone: the rows in the dataset's order (read with Ray Data's ``preserve_order``),
+    image ``i`` being row ``i``, named ``ray.data.Dataset#i``; the images go to Ray's object
+    store as they come (``_RayImages``) and are used as they are, as a tensor file's
+    (``size``/``crop`` do not apply)."""
     from .pipeline import ExplainError, _Data
     names = ds.schema().names
+    if "path" not in names and "image" not in names:
+        raise ExplainError(f"--data: the Ray Dataset needs an 'image' column (ray.data.read_images) or a 'path' "
+                           f"column (read_images(..., include_paths=True) or from_items of paths); it has {names}")
+    columns = ["path" if "path" in names else "image"] + (["label"] if "label" in names else [])
     if "path" not in names:
-        raise ExplainError(f"--data: the Ray Dataset needs a 'path' column (read_images(..., include_paths=True) "
-                           f"or from_items of paths); it has {names}")
-    columns = ["path"] + (["label"] if "label" in names else [])
+        return _row_items(ds, columns)
     rows = sorted(ds.select_columns(columns).take_all(), key=lambda r: Path(r["path"]))
     if not rows:
         raise ExplainError("--data: the Ray Dataset is empty")
     keys = [str(r["path"]) for r in rows]
-    labels = [int(r["label"]) if "label" in r and r["label"] is not None else -1 for r in rows]
+    labels = [_label(r.get("label")) for r in rows]
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
     return _Data(keys, labels, source=f"ray.data.Dataset of {len(keys)} paths (sha256 {digest})")
+
+
+def _label(value) -> int:
+    return -1 if value is None else int(value)
+
+
+class _RayImages:
+    """An ``image`` column in the dataset's row order, as blocks in Ray's object store: what
+    ``_Data.tensors`` offers (``shape`` ``[N, C, H, W]``, ``[i]`` -> float32 ``[C, H, W]``),
+    with the blocks fetched where the images are used (an actor, a block at a time)."""
+
+    def __init__(self, refs: list, starts: list, shape: tuple):
+        self.refs, self.starts, self.shape = refs, starts, shape
+        self._block = (None, None)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        number = bisect.bisect_right(self.starts, i) - 1
+        if self._block[0] != number:
+            self._block = (number, _images(_ray().get(self.refs[number]), "image"))
+        return self._block[1][i - self.starts[number]]
+
+    def __getstate__(self):
+        return dict(self.__dict__, _block=(None, None))
+
+
+def _row_items(ds, columns):
+    """``dataset_items`` of a Ray Dataset without paths: one pass over its rows in order,
+    each block put in the object store (the digest of the bytes and labels names the data)."""
+    from .pipeline import ExplainError, _Data
+    ray = _ray()
+    ordered = ray.data.Dataset.copy(ds.select_columns(columns), _deep_copy=True)  # the caller's context untouched
+    ordered.context.execution_options.preserve_order = True
+    refs, starts, labels, digest, shape, raw = [], [], [], hashlib.sha256(), None, None
+    for batch in ordered.iter_batches(batch_size=None, batch_format="numpy"):
+        x = _stacked(batch["image"], "image")
+        if len(x) == 0:
+            continue
+        if raw is None:
+            raw, shape = x.shape[1:], tuple(_images(x[:1], "image").shape[1:])
+        elif x.shape[1:] != raw:
+            raise ExplainError(f"--data: the Ray Dataset's images have several shapes ({list(raw)} and "
+                               f"{list(x.shape[1:])}); resize them first (read_images(size=...))")
+        starts.append(len(labels))
+        refs.append(ray.put(x))
+        digest.update(np.ascontiguousarray(x).tobytes())
+        labels += [_label(v) for v in batch["label"]] if "label" in batch else [-1] * len(x)
+    if not labels:
+        raise ExplainError("--data: the Ray Dataset is empty")
+    digest.update(json.dumps(labels).encode())
+    n = len(labels)
+    return _Data(list(range(n)), labels, tensors=_RayImages(refs, starts, (n, *shape)),
+                 names=[f"ray.data.Dataset#{i}" for i in range(n)],
+                 source=f"ray.data.Dataset of {n} images (sha256 {digest.hexdigest()})")
 
 
 class _ExplainActor:
@@ -332,11 +412,17 @@ def explain_dataset_ray(ds, model_fn, methods, *, out, batch_size: int = 32, num
     store (shards, ``index.parquet``, ``manifest.json``), readable by ``open_results``, with
     the same resume rule (complete shards are skipped; another configuration is refused).
 
-    ds: a ``ray.data.Dataset`` with a ``path`` column (``ray.data.read_images(root,
-    include_paths=True)``, or ``ray.data.from_items([{"path": p, "label": y}, ...])``) and
-    an optional int ``label`` column. Images are numbered by sorted path, as ``cnnviz
-    explain`` numbers a folder's files, and decoded in the actors from their paths with the
-    same code (resize, centre crop), so ``out`` must be on storage every node sees.
+    ds: a ``ray.data.Dataset`` with an ``image`` column (``ray.data.read_images(root)``:
+    uint8 ``[H, W, C]``; or float ``[C, H, W]`` arrays) or a ``path`` column
+    (``read_images(root, include_paths=True)``, ``ray.data.from_items([{"path": p}, ...])``),
+    and an optional int ``label`` column. With paths, images are numbered by sorted path, as
+    ``cnnviz explain`` numbers a folder's files, and decoded in the actors from their paths
+    with the same code (resize, centre crop). Without: image ``i`` is the dataset's row
+    ``i`` (its order as Ray Data gives it with ``preserve_order``, e.g. ``read_images``'s
+    files in listing order), named ``ray.data.Dataset#i`` in the index, used as it is (one
+    shape for all; ``size``/``crop`` do not apply), as the rows of a ``.pt`` tensor file
+    are; the driver reads the rows once into Ray's object store and the actors fetch
+    their shards' blocks. ``out`` must be on storage every node sees.
     model_fn: a picklable function returning the model with its weights, called on the
     driver (which checks the methods on it) and once per actor; the weights must be the
     same on every call (checked by hash). methods, out, batch_size and ``options`` (target,

@@ -267,7 +267,7 @@ def _label_of(text, classes: dict):
 
 def load_data(path) -> _Data:
     """Items of an image folder, a CSV / text list of paths, a ``.pt`` / ``.npz`` tensor file,
-    or a ``ray.data.Dataset`` with a ``path`` column (``cnnviz_fast.distributed``)."""
+    or a ``ray.data.Dataset`` with a ``path`` or ``image`` column (``cnnviz_fast.distributed``)."""
     if hasattr(path, "map_batches") and hasattr(path, "schema"):
         from .distributed import dataset_items
         return dataset_items(path)

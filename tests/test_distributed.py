@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,7 +21,7 @@ from cnnviz_fast import cli
 from cnnviz_fast import distributed as dist
 from cnnviz_fast.data import shapes
 from cnnviz_fast.models import shapes_cnn
-from cnnviz_fast.pipeline import explain_dataset
+from cnnviz_fast.pipeline import ExplainError, explain_dataset
 from cnnviz_fast.store import open_results
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_activations import _integer_net
@@ -89,7 +90,9 @@ def _assert_topk_equal(got, expected):
 
 
 def test_top_k_patches_ray_equals_single_process(cluster, images, ids):
-    got = dist.top_k_patches_ray(_dataset(images, ids), _integer_net, ["1", "4"], k=5, batch_size=7,
+    # a dataset still to be computed (a map task), with actors on both CPUs: read first, not stalled
+    lazy = _dataset(images, ids).map_batches(lambda batch: batch)
+    got = dist.top_k_patches_ray(lazy, _integer_net, ["1", "4"], k=5, batch_size=7,
                                  num_actors=2)
     expected = cf.top_k_patches(_integer_net(), zip(images.split(9), ids.split(9)), ["1", "4"], k=5,
                                 progress=False)
@@ -126,9 +129,12 @@ def folder(tmp_path_factory):
 EXPLAIN = dict(batch_size=2, shard_size=4, report=False, progress=False)
 
 
-def _assert_same_store(a, b):
-    """Same index (timings aside), maps and thumbnails."""
+def _assert_same_store(a, b, paths=None):
+    """Same index (timings aside; ``a``'s paths ``paths`` when given), maps and thumbnails."""
     ta, tb = a.index.drop_columns(["seconds"]), b.index.drop_columns(["seconds"])
+    if paths is not None:
+        assert ta["path"].to_pylist() == paths
+        ta, tb = ta.drop_columns(["path"]), tb.drop_columns(["path"])
     assert ta.equals(tb), (ta.to_pydict(), tb.to_pydict())
     assert a.manifest["complete"] and b.manifest["complete"]
     for method in a.methods:
@@ -167,6 +173,41 @@ def test_explain_dataset_ray_with_a_killed_actor(cluster, folder, tmp_path):
     expected = explain_dataset(folder, tmp_path / "local", methods, model=model_fn, workers=0, **options)
     assert len(got) == 2 * 10
     _assert_same_store(got, expected)
+
+
+def test_explain_dataset_ray_from_the_image_column_alone(cluster, folder, tmp_path):
+    ds = ray.data.read_images(str(folder))  # no path column: image i is row i
+    assert ds.schema().names == ["image"]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                     for f in sorted(folder.iterdir())])
+    torch.save({"images": x}, tmp_path / "images.pt")  # uint8, scaled to [0, 1] as the column is
+    methods = ["grad_cam:layer='features'", "saliency"]
+    got = dist.explain_dataset_ray(ds, shapes_cnn, methods, out=tmp_path / "ray", num_actors=2, **EXPLAIN)
+    expected = explain_dataset(tmp_path / "images.pt", tmp_path / "local", methods, model=shapes_cnn, workers=0,
+                               **EXPLAIN)
+    rows = got.index["path"].to_pylist()
+    _assert_same_store(got, expected, paths=rows)
+    assert sorted(set(rows)) == [f"ray.data.Dataset#{i}" for i in range(10)]
+    assert "ray.data.Dataset of 10 images (sha256 " in got.manifest["config"]["data"]
+
+
+def test_dataset_items_numbers_rows_in_order(cluster):
+    rows = [{"image": np.full((4, 5, 3), i, np.uint8), "label": 7 - i} for i in range(7)]
+    items = dist.dataset_items(ray.data.from_items(rows, override_num_blocks=3))
+    assert items.keys == list(range(7)) and items.labels == [7 - i for i in range(7)]
+    assert items.tensors.shape == (7, 3, 4, 5)
+    for i in range(7):
+        assert torch.equal(items.tensors[i], torch.full((3, 4, 5), i / 255))
+    # the same rows again: the same source (the resume check); other pixels: another
+    again = dist.dataset_items(ray.data.from_items(rows, override_num_blocks=2))
+    assert again.source == items.source
+    rows[3]["image"] = rows[3]["image"] + 1
+    assert dist.dataset_items(ray.data.from_items(rows)).source != items.source
+    with pytest.raises(ExplainError, match="several shapes"):
+        dist.dataset_items(ray.data.from_items([{"image": np.zeros((4, 4, 3), np.uint8)},
+                                                {"image": np.zeros((5, 4, 3), np.uint8)}], override_num_blocks=2))
+    with pytest.raises(ExplainError, match="needs an 'image' column .* or a 'path'"):
+        dist.dataset_items(ray.data.from_items([{"pixels": 1}]))
 
 
 def test_bad_arguments(cluster, images, ids):
