@@ -10,7 +10,8 @@ feature-inversion error by depth (the README table).
 Class visualization: Fourier parametrization, decorrelated colour, Adam lr 0.05; rows
 ``transforms=None`` (so Lucent, whose standard transforms need kornia, runs the same work:
 ``transforms=[]``, ``preprocess=False``, ``fixed_image_size`` = the size, and the torchvision
-and kornia stand-ins of ``tests/_peers.py``) and ``transforms="standard"`` (cnnviz only).
+and kornia stand-ins of ``tests/_peers.py``) and ``transforms="standard"`` (cnnviz only);
+the redirected ReLU off (``redirected_relu_steps=0``: Lucent has none).
 Models: the embedded default model (6 classes, 64 px) and VGG16 with random weights (16
 classes, 32 px, 2 steps). Default-model rows: median of repeated runs (torch Timer, >= 4 s each); VGG16 rows:
 single runs (a run lasts seconds). Inversion: 4 shapes images at
@@ -50,10 +51,12 @@ def class_rows(table, name, model, classes, size, steps, lucent, once):
     timing = dict(once=True) if once else dict(min_run_time=4)
 
     def batched(transforms=None):
-        return cf.class_visualization(model, classes, size=size, steps=steps, transforms=transforms)
+        return cf.class_visualization(model, classes, size=size, steps=steps, transforms=transforms,
+                                      redirected_relu_steps=0)
 
     def one_at_a_time(transforms=None):
-        return [cf.class_visualization(model, c, size=size, steps=steps, transforms=transforms) for c in classes]
+        return [cf.class_visualization(model, c, size=size, steps=steps, transforms=transforms,
+                                       redirected_relu_steps=0) for c in classes]
 
     # correctness once: the batch follows the same per-image objective (logits rise)
     trace = batched().trace
