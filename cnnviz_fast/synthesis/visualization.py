@@ -57,8 +57,9 @@ def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256,
     ``relu_gradient_override=True`` for its first 16 steps; Lucent has no such option, so 0
     reproduces Lucent). It changes nothing for an image whose gradient reaches every ReLU
     layer; it lets an objective that is dead on the start image move (at the default model's
-    ``features.17``, 20 of 64 channels with pixel images at 32 px, no transforms). Done by hooks on the ``nn.ReLU`` modules, removed
-    afterwards; functional ReLUs (``F.relu`` in a ``forward``) keep their ordinary gradient.
+    ``features.17``, 20 of 64 channels with pixel images at 32 px, no transforms). Done by
+    hooks on the ``nn.ReLU`` modules, removed afterwards; functional ReLUs (``F.relu`` in a
+    ``forward``) keep their ordinary gradient.
     Returns :class:`Synthesis` with images ``[N, 3, H, W]`` in [0, 1] and the trace of the
     logits ``[steps, N]``.
     """
