@@ -43,7 +43,7 @@ def redirected_relus(model: nn.Module, active: Callable[[], bool]):
     inputs_before = {}
 
     def pre_hook(module, inputs):
-        if active():
+        if active() and inputs[0].dim() > 0:  # dim 0 is the batch, as in Lucid
             # an in-place ReLU overwrites its input: keep the values before it
             inputs_before[module] = inputs[0].clone() if module.inplace else inputs[0]
 
