@@ -88,14 +88,18 @@ class BenchTable:
 
     def add_interleaved(self, case: str, providers: dict, repeats: int = 30, **extra):
         """Time the ``providers`` (name -> fn; the first is the baseline) in alternation, one
-        call of each per round, on the threads torch has now (``add``'s Timer runs on one):
-        under a shared CPU every side sees the same load. Rows as ``add``'s, with the minimum
-        (``min_ms``) and the thread count beside the percentiles."""
+        call of each per round, the order reversed every round, on the threads torch has now
+        (``add``'s Timer runs on one): under a shared CPU every side sees the same load, and a
+        call slowed by the one before it (measured: gram right after the reference's bmm) is
+        not always the same side's. Rows as ``add``'s, with the minimum (``min_ms``) and the
+        thread count beside the percentiles."""
         times = {name: [] for name in providers}
         for fn in providers.values():  # warm-up
             fn()
+        order = list(providers.items())
         for _ in range(repeats):
-            for name, fn in providers.items():
+            order.reverse()  # A B B A ...: neither side always runs right after the other
+            for name, fn in order:
                 start = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - start) * 1e3)
