@@ -84,6 +84,34 @@ class BenchTable:
     def add(self, case: str, provider: str, fn, baseline: bool = False, min_run_time=1.0, once=False, **extra):
         """Time ``fn``; the case's first provider (or one with baseline=True) is its baseline."""
         p50, p20, p80 = measure(fn, self.device, min_run_time, once)
+        return self._row(case, provider, p50, p20, p80, baseline, **extra)
+
+    def add_interleaved(self, case: str, providers: dict, repeats: int = 30, **extra):
+        """Time the ``providers`` (name -> fn; the first is the baseline) in alternation, one
+        call of each per round, the order reversed every round, on the threads torch has now
+        (``add``'s Timer runs on one): under a shared CPU every side sees the same load, and a
+        call slowed by the one before it (measured: gram right after the reference's bmm) is
+        not always the same side's. Rows as ``add``'s, with the minimum (``min_ms``) and the
+        thread count beside the percentiles."""
+        times = {name: [] for name in providers}
+        for fn in providers.values():  # warm-up
+            fn()
+        order = list(providers.items())
+        for _ in range(repeats):
+            order.reverse()  # A B B A ...: neither side always runs right after the other
+            for name, fn in order:
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        rows = []
+        for i, (name, ms) in enumerate(times.items()):
+            ms = np.asarray(ms)
+            rows.append(self._row(case, name, float(np.median(ms)), float(np.percentile(ms, 20)),
+                                  float(np.percentile(ms, 80)), i == 0, min_ms=float(ms.min()),
+                                  threads=torch.get_num_threads(), **extra))
+        return rows
+
+    def _row(self, case, provider, p50, p20, p80, baseline, **extra):
         if baseline or case not in self._baseline:
             self._baseline[case] = p50
         row = dict(case=case, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80,

@@ -10,13 +10,15 @@ feature-inversion error by depth (the README table).
 Class visualization: Fourier parametrization, decorrelated colour, Adam lr 0.05; rows
 ``transforms=None`` (so Lucent, whose standard transforms need kornia, runs the same work:
 ``transforms=[]``, ``preprocess=False``, ``fixed_image_size`` = the size, and the torchvision
-and kornia stand-ins of ``tests/_peers.py``) and ``transforms="standard"`` (cnnviz only).
+and kornia stand-ins of ``tests/_peers.py``) and ``transforms="standard"`` (cnnviz only);
+the redirected ReLU off (``redirected_relu_steps=0``: Lucent has none).
 Models: the embedded default model (6 classes, 64 px) and VGG16 with random weights (16
 classes, 32 px, 2 steps). Default-model rows: median of repeated runs (torch Timer, >= 4 s each); VGG16 rows:
 single runs (a run lasts seconds). Inversion: 4 shapes images at
 64 px on the default model, 2 at 32 px on VGG16, no TV, Adam lr 0.1. The synthesis rows run torch on ``--threads`` (default 1: on a CPU shared by
 more processes than cores, two threads make every small operator wait for a descheduled
-partner); the gram rows use the default threads. Each JSON records ``os.getloadavg()``.
+partner); the gram rows alternate reference and C++ call by call (``add_interleaved``) on the
+default threads and on one. Each JSON records ``os.getloadavg()``.
 """
 import argparse
 import os
@@ -49,10 +51,12 @@ def class_rows(table, name, model, classes, size, steps, lucent, once):
     timing = dict(once=True) if once else dict(min_run_time=4)
 
     def batched(transforms=None):
-        return cf.class_visualization(model, classes, size=size, steps=steps, transforms=transforms)
+        return cf.class_visualization(model, classes, size=size, steps=steps, transforms=transforms,
+                                      redirected_relu_steps=0)
 
     def one_at_a_time(transforms=None):
-        return [cf.class_visualization(model, c, size=size, steps=steps, transforms=transforms) for c in classes]
+        return [cf.class_visualization(model, c, size=size, steps=steps, transforms=transforms,
+                                       redirected_relu_steps=0) for c in classes]
 
     # correctness once: the batch follows the same per-image objective (logits rise)
     trace = batched().trace
@@ -92,19 +96,25 @@ def main():
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
 
-    # gram: C++ against the reference at (8, 512, 28, 28), forward and forward + backward
+    # gram: C++ against the reference at (8, 512, 28, 28), forward and forward + backward,
+    # interleaved, on the default threads and on one
     from cnnviz_fast._backend import cpp_module
     # whether the C++ kernel found the sgemm_ torch loaded (else it runs its plain loop)
     table = BenchTable("gram", loadavg=os.getloadavg(), cpp_uses_blas=cpp_module().gram_uses_blas())
     x = torch.randn(8, 512, 28, 28)
     torch.testing.assert_close(cf.gram(x, backend="cpp"), gram_ref(x), rtol=1e-4, atol=1e-7)
     xg = x.clone().requires_grad_(True)
-    for backend in ("reference", "cpp"):
-        table.add("forward (8,512,28,28)", backend, lambda b=backend: cf.gram(x, backend=b), min_run_time=2)
-    for backend in ("reference", "cpp"):
-        table.add("fwd+bwd (8,512,28,28)", backend,
-                  lambda b=backend: cf.gram(xg, backend=b).sum().backward(), min_run_time=2)
-    table.report(note=f"{default_threads} threads, loadavg {os.getloadavg()}; shared CPU")
+    upstream = torch.randn(8, 512, 512)
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        table.add_interleaved(f"forward (8,512,28,28) {threads}T",
+                              {b: lambda b=b: cf.gram(x, backend=b) for b in ("reference", "cpp")}, repeats=40)
+        table.add_interleaved(f"fwd+bwd (8,512,28,28) {threads}T",
+                              {b: lambda b=b: cf.gram(xg, backend=b).backward(upstream) for b in ("reference", "cpp")},
+                              repeats=20)
+    torch.set_num_threads(default_threads)
+    table.meta.update(loadavg_end=os.getloadavg())
+    table.report(note=f"interleaved, threads per row, loadavg {os.getloadavg()}; shared CPU")
     if args.gram_only:
         return
 

@@ -1,5 +1,6 @@
 """Synthesis on the embedded default model: the issue's checks at small sizes and few steps,
 the agreement with Lucent, the model left unchanged, and bad input."""
+import copy
 import math
 
 import pytest
@@ -76,21 +77,52 @@ def test_class_visualization_standard_transforms_and_pixel_blur(model):
     assert torch.equal(fourier.images, again.images), "a seed must fix the run"
 
 
+def _mean_activations(model, index, images):
+    """``[N, C]``: the mean over positions of ``model.features[index]``'s output on ``images``."""
+    record = {}
+    handle = model.features[index].register_forward_hook(lambda _m, _i, o: record.__setitem__("a", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+    return record["a"].mean((2, 3))
+
+
 def test_channel_visualization_raises_the_channel(model, held_out):
     channels = [0, 5, 11, 20]
     result = cf.feature_visualization(model, MIDDLE, channels, size=32, steps=64, lr=0.2, transforms=None,
                                       parametrization="pixel", decorrelate=False)
-    record = {}
-    handle = model.features[8].register_forward_hook(lambda _m, _i, o: record.__setitem__("a", o.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(held_out)
-            base = record["a"][:, channels].mean((0, 2, 3))
-            model(result.images)
-            got = record["a"][torch.arange(4), channels].mean((1, 2))
-    finally:
-        handle.remove()
+    base = _mean_activations(model, 8, held_out)[:, channels].mean(0)
+    got = _mean_activations(model, 8, result.images)[torch.arange(4), channels]
     assert bool((got >= 10 * base).all()), (got, base)
+
+
+def test_redirected_relu_reaches_channels_dead_at_the_start(model, held_out):
+    # channels of features.17 whose (in-place) ReLU is off everywhere on the start image
+    channels, kwargs = [0, 12, 19, 35], dict(size=32, lr=0.2, transforms=None, parametrization="pixel",
+                                             decorrelate=False)
+    plain = cf.feature_visualization(model, LAST, channels, steps=64, redirected_relu_steps=0, **kwargs)
+    assert bool((plain.trace == 0).all()), "dead on the start image: no gradient, the image never moves"
+    redirected = cf.feature_visualization(model, LAST, channels, steps=64, **kwargs)
+    assert bool((redirected.trace[0] == 0).all())
+    base = _mean_activations(model, 17, held_out)[:, channels].mean(0)
+    got = _mean_activations(model, 17, redirected.images)[torch.arange(4), channels]
+    assert bool((base > 0).all()) and bool((got >= 10 * base).all()), (got, base)
+    # the same with out-of-place ReLUs: the in-place ones are redirected from their input's copy
+    out_of_place = copy.deepcopy(model)
+    for m in out_of_place.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    short = cf.feature_visualization(model, LAST, channels, steps=4, **kwargs)
+    assert torch.equal(cf.feature_visualization(out_of_place, LAST, channels, steps=4, **kwargs).images, short.images)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks left behind"
+
+
+def test_redirected_relu_changes_nothing_where_the_gradient_flows(model):
+    for call in (lambda r: cf.class_visualization(model, [0, 3, 5], size=24, steps=4, redirected_relu_steps=r),
+                 lambda r: cf.feature_visualization(model, MIDDLE, [0, 5], size=24, steps=4, redirected_relu_steps=r)):
+        assert torch.equal(call(0).images, call(16).images)
 
 
 def test_neuron_and_direction_objectives(model):
@@ -163,7 +195,8 @@ def test_lucent_agreement_first_steps(model, fft, decorrelate):
                                progress=False, fixed_image_size=24)
     for steps, theirs in zip((1, 2, 3), images):
         ours = cf.class_visualization(model, classes, size=24, steps=steps, lr=0.05, transforms=None, seed=7,
-                                      parametrization="fourier" if fft else "pixel", decorrelate=decorrelate)
+                                      parametrization="fourier" if fft else "pixel", decorrelate=decorrelate,
+                                      redirected_relu_steps=0)  # Lucent has no redirected ReLU
         assert torch.allclose(ours.images, torch.from_numpy(theirs).permute(0, 3, 1, 2), atol=1e-5, rtol=0)
 
 
@@ -191,6 +224,10 @@ class _NoConv(nn.Module):
     (lambda m: cf.class_visualization(m, 0, size=8, steps=1, lr=math.inf), ValueError, "lr: expected a finite"),
     (lambda m: cf.class_visualization(m, 0, size=8, steps=1, parametrization="cppn"), ValueError, "parametrization"),
     (lambda m: cf.class_visualization(m, 0, size=8, steps=1, blur_every=2), ValueError, "blur_every"),
+    (lambda m: cf.class_visualization(m, 0, size=8, steps=1, redirected_relu_steps=-1), ValueError,
+     "redirected_relu_steps: expected an int >= 0"),
+    (lambda m: cf.feature_visualization(m, LAST, 0, size=8, steps=1, redirected_relu_steps=1.5), TypeError,
+     "redirected_relu_steps"),
     (lambda m: cf.feature_inversion(m, torch.rand(1, 3, 8, 8), "fc", steps=1), ValueError, "layer: 'fc'"),
     (lambda m: cf.feature_inversion(m, torch.rand(1, 1, 8, 8), LAST, steps=1), ValueError, "x: expected RGB"),
     (lambda m: cf.feature_inversion(m, torch.rand(1, 3, 8, 8), LAST, tv_weight=-1, steps=1), ValueError, "tv_weight"),

@@ -8,9 +8,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import pair
+from .._checks import check_number, pair
 from .._hooks import capture, frozen_parameters
 from ._image import PARAMETRIZATIONS, ImageParam, standard_transforms
+from ._redirect import redirected_relus
 
 TRANSFORMS = ("standard", None)
 
@@ -77,14 +78,15 @@ def fixed_model(model: nn.Module):
 
 def optimize(model: nn.Module, layers, loss_fn: Callable, *, n: int, size, steps: int, lr: float,
              parametrization: str, decorrelate: bool, transforms, preprocess, seed: int, init=None,
-             blur_every=None, blur_sigma: float = 1.0) -> Synthesis:
+             blur_every=None, blur_sigma: float = 1.0, redirected_relu_steps: int = 0) -> Synthesis:
     """Adam on an :class:`ImageParam` of ``n`` images, all in one batch.
 
     ``loss_fn(record, output, image)`` gets the captured outputs of ``layers`` (dict), the
     model's output and the images in [0, 1] before transforms; it returns ``(loss [n],
     reported [n])``: the per-image losses are summed, so each image follows its own gradient
     and Adam (elementwise) treats them as independent runs (Lucent's ``render_vis`` per
-    objective, Lucent's defaults: lr 0.05, sd 0.01).
+    objective, Lucent's defaults: lr 0.05, sd 0.01). ``redirected_relu_steps``: the first steps
+    that run the model's ``nn.ReLU`` modules with Lucid's redirected gradient (:mod:`._redirect`).
     """
     check_steps_lr(steps, lr)
     check_options(parametrization, transforms)
@@ -93,12 +95,16 @@ def optimize(model: nn.Module, layers, loss_fn: Callable, *, n: int, size, steps
         raise ValueError(f"blur_every: expected None or an int >= 1, got {blur_every!r}")
     if blur_every is not None and parametrization != "pixel":
         raise ValueError("blur_every: blurring applies to parametrization='pixel'")
+    redirected_relu_steps = check_number("redirected_relu_steps", redirected_relu_steps, 0, integer=True)
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     image = ImageParam(n, size, parametrization, decorrelate, generator, device, init=init)
     optimizer = torch.optim.Adam([image.param], lr=lr)
     trace = []
-    with fixed_model(model), capture(model, layers, detach=False) as record, torch.enable_grad():
+    step = 0
+    # the redirection's hooks come before capture's, which then records the redirected outputs
+    with fixed_model(model), redirected_relus(model, lambda: step < redirected_relu_steps), \
+            capture(model, layers, detach=False) as record, torch.enable_grad():
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             x = image()

@@ -31,7 +31,7 @@ def _l2(image, weight):
 def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256, lr: float = 0.1,
                         parametrization: str = "fourier", decorrelate: bool = True, transforms="standard",
                         l2: float = 0.0, blur_every=None, blur_sigma: float = 1.0, preprocess=None,
-                        seed: int = 0) -> Synthesis:
+                        seed: int = 0, redirected_relu_steps: int = 16) -> Synthesis:
     """Images that maximize class scores, by regularized gradient ascent on the input.
 
     model: any classifier returning logits ``[N, K]``; it is left unchanged (eval mode during
@@ -50,8 +50,18 @@ def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256,
     callable applied after the transforms (Lucent's ``preprocess``, e.g. ImageNet
     normalization); Lucent's upsampling of images below 224 px is not done. seed: the random
     initialization and transforms (the same seed as ``torch.manual_seed`` before Lucent's
-    ``param.image`` gives the same initial parameters). Returns :class:`Synthesis` with images
-    ``[N, 3, H, W]`` in [0, 1] and the trace of the logits ``[steps, N]``.
+    ``param.image`` gives the same initial parameters). redirected_relu_steps: for this many
+    first steps the model's ``nn.ReLU`` modules pass the gradient of an image whose ReLU
+    gradient is zero everywhere wherever it pushes towards activating (Lucid's
+    ``redirected_relu_grad``, Olah et al. 2017, on by default in Lucid's ``render_vis`` as
+    ``relu_gradient_override=True`` for its first 16 steps; Lucent has no such option, so 0
+    reproduces Lucent). It changes nothing for an image whose gradient reaches every ReLU
+    layer; it lets an objective that is dead on the start image move (at the default model's
+    ``features.17``, 20 of 64 channels with pixel images at 32 px, no transforms). Done by
+    hooks on the ``nn.ReLU`` modules, removed afterwards; functional ReLUs (``F.relu`` in a
+    ``forward``) keep their ordinary gradient.
+    Returns :class:`Synthesis` with images ``[N, 3, H, W]`` in [0, 1] and the trace of the
+    logits ``[steps, N]``.
     """
     items = _indices("classes", classes)
     l2 = check_weight("l2", l2)
@@ -69,13 +79,15 @@ def class_visualization(model: nn.Module, classes, *, size=64, steps: int = 256,
 
     return optimize(model, [], loss_fn, n=len(items), size=size, steps=steps, lr=lr,
                     parametrization=parametrization, decorrelate=decorrelate, transforms=transforms,
-                    preprocess=preprocess, seed=seed, blur_every=blur_every, blur_sigma=blur_sigma)
+                    preprocess=preprocess, seed=seed, blur_every=blur_every, blur_sigma=blur_sigma,
+                    redirected_relu_steps=redirected_relu_steps)
 
 
 def feature_visualization(model: nn.Module, layer, channels=None, *, position=None, direction=None, size=64,
                           steps: int = 256, lr: float = 0.1, parametrization: str = "fourier",
                           decorrelate: bool = True, transforms="standard", l2: float = 0.0, blur_every=None,
-                          blur_sigma: float = 1.0, preprocess=None, seed: int = 0) -> Synthesis:
+                          blur_sigma: float = 1.0, preprocess=None, seed: int = 0,
+                          redirected_relu_steps: int = 16) -> Synthesis:
     """Images that maximize features of a conv layer's output ``[N, C, h, w]``.
 
     Give exactly one of ``channels`` and ``direction``:
@@ -87,7 +99,8 @@ def feature_visualization(model: nn.Module, layer, channels=None, *, position=No
     row; the objective is the mean over positions of the cosine similarity between the
     direction and the activation vector (Lucent's ``objectives.direction``).
     layer: a module of the model or its dotted name, whose output is 4-D. Other arguments as
-    :func:`class_visualization` (Olah et al. 2017; Lucent's parameters of the same meaning).
+    :func:`class_visualization` (Olah et al. 2017; Lucent's parameters of the same meaning;
+    ``redirected_relu_steps`` is Lucid's, see there).
     Returns :class:`Synthesis`: images ``[N, 3, H, W]`` and the objective's trace ``[steps, N]``.
     """
     resolve_layer(model, layer)
@@ -136,4 +149,4 @@ def feature_visualization(model: nn.Module, layer, channels=None, *, position=No
     n = len(items) if items is not None else rows.shape[0]
     return optimize(model, [layer], loss_fn, n=n, size=size, steps=steps, lr=lr, parametrization=parametrization,
                     decorrelate=decorrelate, transforms=transforms, preprocess=preprocess, seed=seed,
-                    blur_every=blur_every, blur_sigma=blur_sigma)
+                    blur_every=blur_every, blur_sigma=blur_sigma, redirected_relu_steps=redirected_relu_steps)
