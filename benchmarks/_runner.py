@@ -39,7 +39,9 @@ def measure(fn, device="cpu", min_run_time=1.0, once=False):
         p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80
     from torch.utils.benchmark import Timer
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs on one thread unless told: time on the process's threads, as the JSON records
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     times = np.asarray(m.times) * 1e3
     return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
 
@@ -89,7 +91,7 @@ class BenchTable:
     def add_interleaved(self, case: str, providers: dict, repeats: int = 30, **extra):
         """Time the ``providers`` (name -> fn; the first is the baseline) in alternation, one
         call of each per round, the order reversed every round, on the threads torch has now
-        (``add``'s Timer runs on one): under a shared CPU every side sees the same load, and a
+        (as ``add``'s Timer): under a shared CPU every side sees the same load, and a
         call slowed by the one before it (measured: gram right after the reference's bmm) is
         not always the same side's. Rows as ``add``'s, with the minimum (``min_ms``) and the
         thread count beside the percentiles."""
