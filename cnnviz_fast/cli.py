@@ -49,11 +49,8 @@ def bench(args) -> int:
     try:
         paths = run_bench(args.out, args.model, args.data, args.images, args.size, args.layer,
                           split(args.explainers), split(args.metrics), progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as err:
-        if args.debug:
-            raise
-        print(f"cnnviz bench: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as err:  # a usage error: exit 2, as explain's
+        return _fail("bench", err, args.debug)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -43,8 +43,8 @@ def test_every_explainer_and_metric_is_listed():
 
 
 def test_bench_errors_are_one_line(tmp_path, capsys):
-    assert main(["bench", "--explainers", "nope", "--out", str(tmp_path), "--quiet"]) == 1
+    assert main(["bench", "--explainers", "nope", "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cnnviz bench: error: --explainers: unknown nope") and err.count("\n") == 1
-    assert main(["bench", "--model", "no_such_model", "--out", str(tmp_path), "--quiet"]) == 1
+    assert main(["bench", "--model", "no_such_model", "--out", str(tmp_path), "--quiet"]) == 2
     assert "--model" in capsys.readouterr().err
