@@ -84,28 +84,32 @@ class ScouterHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, slots_per_class: int = 1, iters: int = 3,
-                 hidden_dim: int = 64, positive: bool = True, lambda_area: float = 1.0, area_power: float = 2.0):
+                 hidden_dim: int = 64, positive: bool = True, lambda_area: float = 1.0, area_power: float = 2.0,
+                 key_layers: int = 1):
         super().__init__()
         _check_count("in_channels", in_channels)
         _check_count("num_classes", num_classes)
         _check_count("slots_per_class", slots_per_class)
         _check_count("iters", iters)
+        _check_count("key_layers", key_layers)
         if _check_count("hidden_dim", hidden_dim) % 4:
             raise ValueError(f"hidden_dim: expected a multiple of 4 (sine embedding halves), got {hidden_dim}")
         if lambda_area < 0:
             raise ValueError(f"lambda_area: expected >= 0, got {lambda_area}")
         self.in_channels, self.num_classes, self.slots_per_class = in_channels, num_classes, slots_per_class
         self.iters, self.hidden_dim, self.positive = iters, hidden_dim, bool(positive)
-        self.lambda_area, self.area_power = float(lambda_area), float(area_power)
+        self.lambda_area, self.area_power, self.key_layers = float(lambda_area), float(area_power), key_layers
         self.project = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
         mu, sigma = torch.randn(1, 1, hidden_dim), torch.randn(1, 1, hidden_dim).abs()
         self.initial_slots = nn.Parameter(mu + sigma * torch.randn(1, num_classes * slots_per_class, hidden_dim))
-        self.to_k = nn.Linear(hidden_dim, hidden_dim)
+        # The authors' to_k_layer: Linear, then (ReLU, Linear) for each further layer.
+        self.to_k = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), *[
+            m for _ in range(key_layers - 1) for m in (nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))])
         self.gru = nn.GRUCell(hidden_dim, hidden_dim)
 
     def extra_repr(self) -> str:
         return (f"slots_per_class={self.slots_per_class}, iters={self.iters}, positive={self.positive}, "
-                f"lambda_area={self.lambda_area}, area_power={self.area_power}")
+                f"lambda_area={self.lambda_area}, area_power={self.area_power}, key_layers={self.key_layers}")
 
     def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, num_classes], attention [B, num_classes * slots_per_class, h, w])``:
