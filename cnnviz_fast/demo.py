@@ -202,7 +202,7 @@ def _add_scouter(report: Report, out: Path) -> None:
     report.add("scouter_confusable", grid,
                "confusable pairs, two held-out images each of " + ", ".join(t for t, _ in pairs) + " (top row); "
                "SCOUTER+ attention for the true class (middle); SCOUTER- attention for the confusable class, "
-               + ", ".join(f"{w} on the {t}s" for t, w in pairs) + ": the evidence that it is not that class "
+               + ", ".join(f"{w} on the {t} images" for t, w in pairs) + ": the evidence that it is not that class "
                "(bottom). The telling feature is where the two drawings differ: the ring's hole, the circle's "
                "filled centre, the arms the star and the cross do not share")
 

@@ -6,8 +6,8 @@ Image Recognition", ICCV 2021; matched to the authors' code (github.com/wbw520/s
 
 The xSlot head replaces a backbone's pooling + linear classifier. A 1x1 conv (+ ReLU) maps the
 backbone's feature map ``[B, C, h, w]`` to ``hidden_dim`` channels (the values ``v``); a DETR
-sine positional embedding is added and a linear layer makes the keys ``k``. Learnt slots,
-``slots_per_class`` per class, attend to the positions for ``iters`` rounds: dot products
+sine positional embedding is added and a linear layer (an MLP for ``key_layers`` > 1) makes
+the keys ``k``. Learnt slots, ``slots_per_class`` per class, attend to the positions for ``iters`` rounds: dot products
 scaled by ``hidden_dim ** -0.5``, a sigmoid (not a softmax: slots do not compete), the
 weighted values update the slots through a GRU. A class's score is the sum over its slots and positions of
 ``attention * mean_channel(v)``; SCOUTER+ (``positive=True``) uses it as the logit (attention
@@ -76,7 +76,8 @@ class ScouterHead(nn.Module):
     ints >= 1. iters: slot-attention rounds (>= 1). hidden_dim: channels of values, keys and
     slots (a multiple of 4, for the sine embedding). positive: SCOUTER+ (True) or SCOUTER-
     (False). lambda_area, area_power: the area loss ``lambda_area * mean(attention) **
-    area_power`` (authors' defaults 1 and 2).
+    area_power`` (authors' defaults 1 and 2). key_layers: linear layers of the key MLP, ReLUs
+    between (the authors' ``to_k_layer``; 1 is one linear layer).
 
     ``forward(features [B, C, h, w]) -> logits [B, num_classes]``; ``attend`` also returns the
     slots' attention ``[B, num_classes * slots_per_class, h, w]`` in (0, 1); ``class_attention``

@@ -6,8 +6,9 @@ Training data: ``shapes(4000, size=64, seed=0)``; held-out: ``shapes(1000, size=
 (the splits of ``train_shapes``). The backbone is ``shapes_cnn()``'s convolutional body with
 its shipped weights, frozen: its features are computed once and only the heads train
 (``train_scouter``: cross-entropy + area loss, AdamW, cosine schedule, seed 0, 1 thread).
-``--sweep`` also trains SCOUTER+ at each ``--sweep-lambdas`` value and prints (and writes as
-JSON to ``--sweep-json``) the area / accuracy table of README.md.
+It prints SCOUTER-'s confusable-pair scores (``confusable_pairs``). ``--sweep`` also trains
+SCOUTER+ at each ``--sweep-lambdas`` value and prints (and writes as JSON to ``--sweep-json``,
+with the scores) the area / accuracy table of README.md.
 """
 
 from __future__ import annotations
