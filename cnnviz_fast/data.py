@@ -128,7 +128,10 @@ def shapes(n: int, size: int = 64, seed: int = 0, classes: Sequence[str] | None 
     flat background. Deterministic for given (n, size, seed, classes) and independent of
     torch's and numpy's global RNGs (uses ``numpy.random.default_rng(seed)``).
 
-    classes: subset of ``SHAPE_CLASSES`` (order defines the labels); default all.
+    classes: subset of ``SHAPE_CLASSES`` (order defines the labels); default all. The draws
+    do not depend on the names: the same (n, size, seed) with the names reordered gives the
+    same labels, geometry, colours and noise, only the drawn shapes change (used to render a
+    confusable counterpart at the same place, ``models.train_scouter.confusable_pairs``).
     Returns ``ShapesData`` (see its docstring for shapes and dtypes).
     """
     n = _check_int("n", n, 1)

@@ -167,6 +167,7 @@ def _add_scouter(report: Report, out: Path) -> None:
     from .data import SHAPE_CLASSES, shapes
     from .explain.scouter import scouter_explain
     from .models import shapes_scouter
+    from .models.train_scouter import CONFUSABLE
 
     data = shapes(60, seed=1)
     positive, negative = shapes_scouter(positive=True), shapes_scouter(positive=False)
@@ -190,17 +191,22 @@ def _add_scouter(report: Report, out: Path) -> None:
                f"{', '.join(SHAPE_CLASSES[i] for i in runner_up.tolist())}) "
                f"({(time.perf_counter() - start) * 1e3:.0f} ms)")
 
-    pairs = [("ring", "circle"), ("star", "cross")]
-    picks = [(data.labels == SHAPE_CLASSES.index(true)).nonzero()[:3, 0] for true, _ in pairs]
+    # Both ways of each pair (train_scouter.CONFUSABLE), two images each; README scores them.
+    pairs = list(CONFUSABLE.items())
+    picks = [(data.labels == SHAPE_CLASSES.index(true)).nonzero()[:2, 0] for true, _ in pairs]
     x = data.images[torch.cat(picks)]
     truth = torch.cat([torch.full((len(p),), SHAPE_CLASSES.index(t)) for p, (t, _) in zip(picks, pairs)])
     wrong = torch.cat([torch.full((len(p),), SHAPE_CLASSES.index(w)) for p, (_, w) in zip(picks, pairs)])
     grid = side_by_side(x, truth, wrong)
     save_image(grid, out / "scouter_confusable.png")
     report.add("scouter_confusable", grid,
-               "confusable pairs: rings and stars (top row); SCOUTER+ attention for the true class (middle); "
-               "SCOUTER- attention for the confusable class, circle on the rings and cross on the stars: "
-               "the evidence that it is not that class (bottom)")
+               "confusable pairs, two held-out images each of " + ", ".join(t for t, _ in pairs) + " (top row); "
+               "SCOUTER+ attention for the true class (middle); SCOUTER- attention for the confusable class, "
+               + ", ".join(f"{w} on the {t} images" for t, w in pairs) + ": the evidence that it is not that class "
+               "(bottom). The telling feature is where the two drawings differ: the ring's hole, the circle's "
+               "filled centre, the arms the star and the cross do not share")
+
+
 def _add_synthesis(model, report: Report, out: Path) -> None:
     """Synthesis views, kept cheap (few steps): the first layer's filters, one class
     visualization per class, and one feature inversion per depth of a held-out image."""

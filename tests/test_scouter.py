@@ -52,6 +52,12 @@ def test_logits_are_attention_weighted_evidence_summed_per_class():
     assert head.area_loss(attention).item() == pytest.approx(head.lambda_area * attention.mean().item() ** 2)
 
 
+def test_key_layers_are_the_authors_to_k_mlp():
+    head = ScouterHead(8, 2, hidden_dim=8, key_layers=3)
+    assert [type(m).__name__ for m in head.to_k] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert len(ScouterHead(8, 2, hidden_dim=8).to_k) == 1
+
+
 def test_negative_head_negates_the_same_evidence():
     pos, neg = _tiny_model(True), _tiny_model(False)
     neg.load_state_dict(pos.state_dict())
@@ -97,6 +103,7 @@ def test_explain_finds_a_head_inside_any_module():
     ({"slots_per_class": 0}, "slots_per_class: expected an int >= 1"),
     ({"iters": 0}, "iters: expected an int >= 1"),
     ({"hidden_dim": 6}, "hidden_dim: expected a multiple of 4"),
+    ({"key_layers": 0}, "key_layers: expected an int >= 1"),
     ({"lambda_area": -1.0}, "lambda_area: expected >= 0"),
 ])
 def test_bad_head_arguments(kwargs, match):
@@ -180,3 +187,29 @@ def test_shipped_scouter_minus_finds_least_evidence_against_the_truth(shipped_me
     metrics = shipped_metrics(False)
     assert metrics["true_total"] < metrics["other_total"], metrics
     assert metrics["least_attention"] >= 0.95, metrics
+
+
+def test_relabelled_shapes_draw_the_counterpart_in_the_same_place():
+    # confusable_pairs renders B where A was drawn by reordering the class names.
+    names = tuple(script.CONFUSABLE.get(c, c) for c in SHAPE_CLASSES)
+    data, other = shapes(60, seed=3), shapes(60, seed=3, classes=names)
+    assert torch.equal(data.labels, other.labels)
+    outside = ~(data.masks | other.masks)
+    assert torch.equal(data.images.permute(1, 0, 2, 3)[:, outside], other.images.permute(1, 0, 2, 3)[:, outside])
+    ring = data.labels == SHAPE_CLASSES.index("ring")
+    hole = other.masks[ring] & ~data.masks[ring]  # the circle drawn over each ring covers it, plus its hole
+    assert not (data.masks[ring] & ~other.masks[ring]).any() and hole.flatten(1).sum(1).min() > 20
+
+
+def test_shipped_scouter_minus_on_confusable_pairs():
+    # The telling region is where the two drawings differ (README, "confusable pairs"). Held:
+    # every wrong-class map puts at least twice chance on it, and on circles the map of "ring"
+    # peaks on the filled centre, preferred over the rest of the two shapes. Not held, so not
+    # asserted: the map of "circle" on rings favours the band over the hole, the map of "cross"
+    # on stars the star's centre over the arms they do not share.
+    pairs = script.confusable_pairs(shapes_scouter(positive=False), 300)
+    assert set(pairs) == {"ring->circle", "circle->ring", "star->cross", "cross->star"}
+    assert all(p["images"] == 50 and p["enrichment"] >= 2 for p in pairs.values()), pairs
+    assert pairs["circle->ring"]["peak_in_region"] >= 0.8, pairs
+    assert pairs["circle->ring"]["footprint_enrichment"] >= 1.5, pairs
+    assert pairs["cross->star"]["enriched_2x"] >= 0.9, pairs

@@ -6,8 +6,8 @@ Image Recognition", ICCV 2021; matched to the authors' code (github.com/wbw520/s
 
 The xSlot head replaces a backbone's pooling + linear classifier. A 1x1 conv (+ ReLU) maps the
 backbone's feature map ``[B, C, h, w]`` to ``hidden_dim`` channels (the values ``v``); a DETR
-sine positional embedding is added and a linear layer makes the keys ``k``. Learnt slots,
-``slots_per_class`` per class, attend to the positions for ``iters`` rounds: dot products
+sine positional embedding is added and a linear layer (an MLP for ``key_layers`` > 1) makes
+the keys ``k``. Learnt slots, ``slots_per_class`` per class, attend to the positions for ``iters`` rounds: dot products
 scaled by ``hidden_dim ** -0.5``, a sigmoid (not a softmax: slots do not compete), the
 weighted values update the slots through a GRU. A class's score is the sum over its slots and positions of
 ``attention * mean_channel(v)``; SCOUTER+ (``positive=True``) uses it as the logit (attention
@@ -76,7 +76,8 @@ class ScouterHead(nn.Module):
     ints >= 1. iters: slot-attention rounds (>= 1). hidden_dim: channels of values, keys and
     slots (a multiple of 4, for the sine embedding). positive: SCOUTER+ (True) or SCOUTER-
     (False). lambda_area, area_power: the area loss ``lambda_area * mean(attention) **
-    area_power`` (authors' defaults 1 and 2).
+    area_power`` (authors' defaults 1 and 2). key_layers: linear layers of the key MLP, ReLUs
+    between (the authors' ``to_k_layer``; 1 is one linear layer).
 
     ``forward(features [B, C, h, w]) -> logits [B, num_classes]``; ``attend`` also returns the
     slots' attention ``[B, num_classes * slots_per_class, h, w]`` in (0, 1); ``class_attention``
@@ -84,28 +85,32 @@ class ScouterHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, slots_per_class: int = 1, iters: int = 3,
-                 hidden_dim: int = 64, positive: bool = True, lambda_area: float = 1.0, area_power: float = 2.0):
+                 hidden_dim: int = 64, positive: bool = True, lambda_area: float = 1.0, area_power: float = 2.0,
+                 key_layers: int = 1):
         super().__init__()
         _check_count("in_channels", in_channels)
         _check_count("num_classes", num_classes)
         _check_count("slots_per_class", slots_per_class)
         _check_count("iters", iters)
+        _check_count("key_layers", key_layers)
         if _check_count("hidden_dim", hidden_dim) % 4:
             raise ValueError(f"hidden_dim: expected a multiple of 4 (sine embedding halves), got {hidden_dim}")
         if lambda_area < 0:
             raise ValueError(f"lambda_area: expected >= 0, got {lambda_area}")
         self.in_channels, self.num_classes, self.slots_per_class = in_channels, num_classes, slots_per_class
         self.iters, self.hidden_dim, self.positive = iters, hidden_dim, bool(positive)
-        self.lambda_area, self.area_power = float(lambda_area), float(area_power)
+        self.lambda_area, self.area_power, self.key_layers = float(lambda_area), float(area_power), key_layers
         self.project = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
         mu, sigma = torch.randn(1, 1, hidden_dim), torch.randn(1, 1, hidden_dim).abs()
         self.initial_slots = nn.Parameter(mu + sigma * torch.randn(1, num_classes * slots_per_class, hidden_dim))
-        self.to_k = nn.Linear(hidden_dim, hidden_dim)
+        # The authors' to_k_layer: Linear, then (ReLU, Linear) for each further layer.
+        self.to_k = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), *[
+            m for _ in range(key_layers - 1) for m in (nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))])
         self.gru = nn.GRUCell(hidden_dim, hidden_dim)
 
     def extra_repr(self) -> str:
         return (f"slots_per_class={self.slots_per_class}, iters={self.iters}, positive={self.positive}, "
-                f"lambda_area={self.lambda_area}, area_power={self.area_power}")
+                f"lambda_area={self.lambda_area}, area_power={self.area_power}, key_layers={self.key_layers}")
 
     def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, num_classes], attention [B, num_classes * slots_per_class, h, w])``:

@@ -11,8 +11,12 @@ from ..explain.scouter import ScouterHead, ScouterModel, scouter_model
 from ._shapes_cnn import shapes_cnn
 
 _WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# Head settings of the shipped weights (train_scouter's defaults); hidden_dim 64 as the authors'.
-SHAPES_SCOUTER_HEAD = {"slots_per_class": 1, "iters": 3, "hidden_dim": 64, "lambda_area": 10.0, "area_power": 2.0}
+# Head settings of the shipped weights (train_scouter's defaults); hidden_dim 64, three slots per
+# class and a three-layer key MLP as the authors' negative CUB-200 / ConText runs (slots_per_class
+# 3, to_k_layer 3): against one slot and one layer they lifted SCOUTER-'s true-class-least share
+# from 99.0% to 100% and the circle maps peaking in a ring's hole from 1% to 16% (README).
+SHAPES_SCOUTER_HEAD = {"slots_per_class": 3, "iters": 3, "hidden_dim": 64, "lambda_area": 10.0, "area_power": 2.0,
+                       "key_layers": 3}
 
 
 def shapes_scouter_weights(positive: bool) -> Path:

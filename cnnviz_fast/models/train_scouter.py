@@ -6,8 +6,9 @@ Training data: ``shapes(4000, size=64, seed=0)``; held-out: ``shapes(1000, size=
 (the splits of ``train_shapes``). The backbone is ``shapes_cnn()``'s convolutional body with
 its shipped weights, frozen: its features are computed once and only the heads train
 (``train_scouter``: cross-entropy + area loss, AdamW, cosine schedule, seed 0, 1 thread).
-``--sweep`` also trains SCOUTER+ at each ``--sweep-lambdas`` value and prints (and writes as
-JSON to ``--sweep-json``) the area / accuracy table of README.md.
+It prints SCOUTER-'s confusable-pair scores (``confusable_pairs``). ``--sweep`` also trains
+SCOUTER+ at each ``--sweep-lambdas`` value and prints (and writes as JSON to ``--sweep-json``,
+with the scores) the area / accuracy table of README.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .._atomic import atomic_write
-from ..data import shapes
+from ..data import SHAPE_CLASSES, shapes
 from ..explain.scouter import ScouterModel, scouter_explain, scouter_model, train_scouter
 from ._shapes_cnn import shapes_cnn
 from ._shapes_scouter import SHAPES_SCOUTER_HEAD, shapes_scouter_head, shapes_scouter_weights
@@ -87,6 +88,48 @@ def evaluate(model: ScouterModel, data, batch_size: int = 500) -> dict:
             "other_total": means["other_total"]}
 
 
+# Confusable pairs, both ways: images of the key class, SCOUTER- map of the value class.
+CONFUSABLE = {"ring": "circle", "circle": "ring", "star": "cross", "cross": "star"}
+
+
+@torch.no_grad()
+def confusable_pairs(model: ScouterModel, n: int = 1000, seed: int = HELD_OUT_SEED) -> dict:
+    """Whether the map of a confusable class lights the feature that tells it from the true one.
+
+    For each pair ``A -> B`` of ``CONFUSABLE``, on the images of class A among
+    ``shapes(n, seed=seed)``: the telling region is where A's and B's drawings differ at the
+    same centre, size and rotation (A's mask XOR B's; B is rendered by reordering the class
+    names, which keeps every draw), e.g. the ring's hole for ring vs circle. The map is B's
+    (``scouter_explain``, input size, min-max normalised as drawn). Returns per pair: images;
+    in_region, the mean share of the map's mass inside the region; enrichment, that share over
+    the region's share of the image (chance 1; a map spread evenly over A's own mask scores
+    about 10 for a circle, 5 for a star: this only says the map is on the shapes);
+    enriched_2x, the share of images with enrichment >= 2; footprint_enrichment, the region's
+    share of the map's mass on the two shapes' union over its share of the union's area
+    (1: the union lit evenly; above 1: the telling part preferred); peak_in_region, the share
+    of images whose map peaks inside the region.
+    """
+    model.eval()
+    data = shapes(n, size=IMAGE_SIZE, seed=seed)
+    counterpart = shapes(n, size=IMAGE_SIZE, seed=seed, classes=tuple(CONFUSABLE.get(c, c) for c in SHAPE_CLASSES))
+    results = {}
+    for true, wrong in CONFUSABLE.items():
+        sel = data.labels == SHAPE_CLASSES.index(true)
+        region = (data.masks[sel] ^ counterpart.masks[sel]).flatten(1).float()
+        union = (data.masks[sel] | counterpart.masks[sel]).flatten(1).float()
+        maps = scouter_explain(model, data.images[sel], SHAPE_CLASSES.index(wrong)).flatten(1)
+        in_region = (maps * region).sum(1)
+        share = in_region / maps.sum(1).clamp_min(1e-12)
+        enrichment = share / region.mean(1)
+        footprint = in_region / (maps * union).sum(1).clamp_min(1e-12) / (region.sum(1) / union.sum(1))
+        peak = region.gather(1, maps.argmax(1, keepdim=True))[:, 0]
+        results[f"{true}->{wrong}"] = {
+            "images": int(sel.sum()), "in_region": share.mean().item(), "enrichment": enrichment.mean().item(),
+            "enriched_2x": (enrichment >= 2).float().mean().item(),
+            "footprint_enrichment": footprint.mean().item(), "peak_in_region": peak.mean().item()}
+    return results
+
+
 def _train(positive: bool, lambda_area: float, train, args) -> ScouterModel:
     torch.manual_seed(TRAIN_SEED)  # the head's initialisation
     model = scouter_model(shapes_cnn().features, shapes_scouter_head(positive, lambda_area=lambda_area))
@@ -125,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = evaluate(model, held_out)
         _save_head(model, args.out_dir / shapes_scouter_weights(positive).name)
         print(_line(name, results[name]), f"  {time.perf_counter() - start:.0f}s", flush=True)
+        if not positive:
+            results["SCOUTER- confusable"] = confusable_pairs(model, args.n_held_out)
+            for pair, metrics in results["SCOUTER- confusable"].items():
+                print(_line(f"  {pair}", metrics), flush=True)
     if args.sweep:
         sweep = []
         for lam in args.sweep_lambdas:
