@@ -6,9 +6,12 @@ Pixel flipping and region perturbation on the embedded default model (32 shapes 
 numpy copies in between), ``cnnviz`` is ``cnnviz_fast.metrics`` (every step of every image
 made by ``perturb_by_rank`` and streamed through the model in memory-budget chunks),
 ``forward floor`` is the model alone on the same number of images (clean copies, made before
-timing) in batches of the best size among ``FLOOR_BATCHES``, in the faster layout. Columns:
+timing) in batches of the best size among ``FLOOR_BATCHES``, in the faster layout; ``cnnviz
+channels_last=False`` runs the model as given, default ``cnnviz`` a channels-last copy with its
+batch norms folded (``cnnviz_fast._precision``), whose own floor is the last row. Columns:
 ``vs_baseline`` = Quantus' time over the row's; ``of_floor`` = the row's time over the floor's
-(target <= 1.15); ``images`` = forward passes. Quantus and cnnviz results are checked equal.
+(target <= 1.15); ``of_converted_floor`` = over the converted copy's floor; ``images`` = forward
+passes. Quantus and both cnnviz results are checked equal (1e-4; float32 rounding).
 
 Attributions are random per element ([B, C, H, W]): Quantus wants ``features_in_step`` to
 divide H * W and counts elements, so the same configuration is element-wise for both.
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _runner import BenchTable, measure  # noqa: E402
 from cnnviz_fast import metrics, models  # noqa: E402
+from cnnviz_fast._precision import lowered  # noqa: E402
 from cnnviz_fast.data import shapes  # noqa: E402
 from tests._peers import import_quantus  # noqa: E402
 
@@ -88,30 +92,38 @@ def run_case(table, quantus, key):
         ("pixel_flipping", n * steps,
          lambda: np.asarray(quantus.PixelFlipping(features_in_step=fis, perturb_baseline=0.0, disable_warnings=True)(
              model=model, x_batch=xn, y_batch=yn, a_batch=an, channel_first=True, softmax=True, device="cpu")),
-         lambda: metrics.pixel_flipping(model, x, y, a, features_in_step=fis)),
+         lambda **k: metrics.pixel_flipping(model, x, y, a, features_in_step=fis, **k)),
         ("region_perturbation", n * (n_regions + 1),
          lambda: np.asarray(quantus.RegionPerturbation(patch_size=patch, regions_evaluation=regions,
                                                        perturb_baseline=0.0, disable_warnings=True)(
              model=model, x_batch=xn, y_batch=yn, a_batch=an, channel_first=True, softmax=True, device="cpu")),
-         lambda: metrics.region_perturbation(model, x, y, a, patch_size=patch, regions=regions)),
+         lambda **k: metrics.region_perturbation(model, x, y, a, patch_size=patch, regions=regions, **k)),
     ]
     batch, layout = best_batch(model, x)
     layout_name = "channels_last" if layout == torch.channels_last else "contiguous"
+    converted, _ = lowered(model, x)  # what cnnviz runs by default: channels-last, batch norms folded
     for metric, images, peer, ours in work:
         case = f"{key} {metric}"
-        floor = floor_of(model, x, images, batch, layout)
         meta = dict(images=images, model=name)
         q = table.add(case, "quantus 0.6", keep("quantus", peer), once=True, **meta)
         keep("cnnviz", ours)()  # warm-up (oneDNN primitive caches), and the result checked below
         c = table.add(case, "cnnviz", keep("cnnviz", ours), once=True, **meta)
-        f = table.add(case, f"forward floor b{batch} {layout_name}", floor, once=True, **meta)
-        got, expected = results["cnnviz"].double(), torch.from_numpy(results["quantus"]).double()
-        err = (got - expected).abs().max().item()
+        e = table.add(case, "cnnviz channels_last=False (the model as given)",
+                      keep("exact", lambda: ours(channels_last=False)), once=True, **meta)
+        f = table.add(case, f"forward floor b{batch} {layout_name}", floor_of(model, x, images, batch, layout),
+                      once=True, **meta)
+        fc = table.add(case, f"forward floor b{batch}, cnnviz's converted copy",
+                       floor_of(converted, x, images, batch, torch.channels_last), once=True, **meta)
+        expected = torch.from_numpy(results["quantus"]).double()
+        err = max((results[k].double() - expected).abs().max().item() for k in ("cnnviz", "exact"))
         assert err < 1e-4, f"{case}: cnnviz and Quantus differ by {err}"
-        for row in (q, c, f):
+        for row in (q, c, e, f, fc):
             row["of_floor"] = row["p50_ms"] / f["p50_ms"]
+            row["of_converted_floor"] = row["p50_ms"] / fc["p50_ms"]
             row["max_abs_diff_vs_quantus"] = err
-        print(f"  {case}: cnnviz {q['p50_ms'] / c['p50_ms']:.2f}x Quantus, {c['of_floor']:.3f}x the floor")
+        print(f"  {case}: cnnviz {q['p50_ms'] / c['p50_ms']:.2f}x Quantus, {c['of_floor']:.3f}x the floor, "
+              f"{c['of_converted_floor']:.3f}x its own model's floor; as given {q['p50_ms'] / e['p50_ms']:.2f}x "
+              f"Quantus, {e['of_floor']:.3f}x the floor")
 
 
 def main():
