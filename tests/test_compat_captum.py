@@ -146,6 +146,17 @@ def test_occlusion_matches_captum(net, images):
     assert_same(*both("Occlusion", net, **tuple_kw))
 
 
+def test_occlusion_modes_match_captum(net, images):
+    """The default incremental sweep (no fallback: warnings are errors) and the full one."""
+    kw = dict(inputs=images, sliding_window_shapes=(3, 8, 8), strides=(3, 4, 4), target=[1, 0, 2])
+    peer = captum_attr.Occlusion(net).attribute(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ours.Occlusion(net).mode == "incremental"
+        assert_same(ours.Occlusion(net).attribute(**kw), peer)
+    assert_same(ours.Occlusion(net, mode="exact").attribute(**kw), peer)
+
+
 def test_layer_methods_match_captum(net, images):
     layer = net.features
     assert_same(*both("LayerGradCam", net, layer, inputs=images, target=2))

@@ -414,11 +414,14 @@ class Occlusion(_Attribution):
     Captum's; the sweep runs cnnviz's batched kernels, with as many occluded copies per
     forward pass as fit the engine's memory budget (``perturbations_per_eval`` is Captum's
     knob for the same trade, and changes no number; copies of different examples share a
-    pass). ``mode`` (cnnviz only, keyword): ``"exact"`` (default) or ``"incremental"`` (Krypton's
-    incremental inference: the same map within 1e-4 of its range, several times faster on
-    deep networks), see ``cnnviz_fast.occlusion``."""
+    pass). ``mode`` (cnnviz only, keyword): ``"incremental"`` (default: Krypton's incremental
+    inference, only each window's projective field recomputed from the clean activations; the
+    same map to float32 rounding, 4.4e-5 of its largest value on ResNet-50 at 224 px against
+    Captum, where the batched full sweep differs by 3.3e-5; a model that ``torch.fx`` cannot
+    trace falls back to the full sweep with a warning) or ``"exact"`` (the batched full
+    sweep), see ``cnnviz_fast.occlusion``."""
 
-    def __init__(self, forward_func, *, mode: str = "exact"):
+    def __init__(self, forward_func, *, mode: str = "incremental"):
         super().__init__(forward_func)
         if mode not in ("exact", "incremental"):
             raise ValueError(f"mode: expected 'exact' or 'incremental', got {mode!r}")
