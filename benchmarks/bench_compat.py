@@ -13,7 +13,7 @@ ResNet-50's batch norms and additions, as the adapter does) with 4 images; Score
 64 px on layer1 (256 masked copies; layer4's 2,048 per image at 224 px would take many minutes).
 Each pair is timed in alternation (``BenchTable.add_interleaved``: one warm-up call of each
 side, whose outputs are compared first, then ``--repeats`` rounds, the order reversed every
-round); the long rows (``repeats 1`` in the JSON) one timed call each after the warm-up. The
+round); the long rows (``rounds 1`` in the JSON) one timed call each after the warm-up. The
 machine is shared, so read the ratios, not the times.
 """
 import argparse
@@ -76,7 +76,7 @@ def main():
 
     def pair(case, peer_fn, ours_fn, rtol=1e-4, repeats=args.repeats, reduction=None):
         peer, mine = _Kept(peer_fn), _Kept(ours_fn)
-        extra = dict(repeats=repeats, **({"reduction": reduction} if reduction else {}))
+        extra = dict(rounds=repeats, **({"reduction": reduction} if reduction else {}))
         rows = table.add_interleaved(case, {"original": peer, "cnnviz compat": mine}, repeats=repeats, **extra)
         rows[1]["max_rel_diff"] = close(mine.out, peer.out, rtol)
 

@@ -166,6 +166,15 @@ def test_layer_methods_match_captum(net, images):
     assert_same(*both("LayerActivation", net, net.features[3], inputs=images))
 
 
+def test_guided_grad_cam_one_pass_and_two(net, images):
+    """On the last feature layer (no ReLU module after it) guided backprop and Grad-CAM share
+    one pass; on an inner layer (ReLUs after it) Grad-CAM takes its own: Captum's numbers both."""
+    from cnnviz_fast.compat.captum import _guided_with_cam
+    assert _guided_with_cam(net, images, 4, net.features)[1] is not None
+    assert _guided_with_cam(net, images, 4, net.features[0])[1] is None
+    assert_same(*both("GuidedGradCam", net, net.features[0], inputs=images, target=[1, 2, 3]))
+
+
 class NoBatchNormNet(nn.Module):
     """A model of the layers Captum's LRP has default rules for (no batch norm)."""
 
