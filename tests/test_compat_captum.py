@@ -146,6 +146,17 @@ def test_occlusion_matches_captum(net, images):
     assert_same(*both("Occlusion", net, **tuple_kw))
 
 
+def test_occlusion_modes_match_captum(net, images):
+    """The default incremental sweep (no fallback: warnings are errors) and the full one."""
+    kw = dict(inputs=images, sliding_window_shapes=(3, 8, 8), strides=(3, 4, 4), target=[1, 0, 2])
+    peer = captum_attr.Occlusion(net).attribute(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ours.Occlusion(net).mode == "incremental"
+        assert_same(ours.Occlusion(net).attribute(**kw), peer)
+    assert_same(ours.Occlusion(net, mode="exact").attribute(**kw), peer)
+
+
 def test_layer_methods_match_captum(net, images):
     layer = net.features
     assert_same(*both("LayerGradCam", net, layer, inputs=images, target=2))
@@ -153,6 +164,15 @@ def test_layer_methods_match_captum(net, images):
     assert_same(*both("GuidedGradCam", net, layer, inputs=images, target=4))
     assert_same(*both("GuidedGradCam", net, layer, inputs=images, target=4, interpolate_mode="bilinear"))
     assert_same(*both("LayerActivation", net, net.features[3], inputs=images))
+
+
+def test_guided_grad_cam_one_pass_and_two(net, images):
+    """On the last feature layer (no ReLU module after it) guided backprop and Grad-CAM share
+    one pass; on an inner layer (ReLUs after it) Grad-CAM takes its own: Captum's numbers both."""
+    from cnnviz_fast.compat.captum import _guided_with_cam
+    assert _guided_with_cam(net, images, 4, net.features)[1] is not None
+    assert _guided_with_cam(net, images, 4, net.features[0])[1] is None
+    assert_same(*both("GuidedGradCam", net, net.features[0], inputs=images, target=[1, 2, 3]))
 
 
 class NoBatchNormNet(nn.Module):

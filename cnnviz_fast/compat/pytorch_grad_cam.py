@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import grad_cam, grad_cam_pp, layer_activations, layer_cam
 from .._hooks import capture, layer_gradients
+from .._precision import lowered
 from ..explain.cam import _grad_cam_pp_weights, _score_cam_chunk
 from ..ops import cam_combine, upsample_normalize
 
@@ -340,6 +341,9 @@ class ScoreCAM(_BaseCAM):
             def score(b, out):
                 return torch.stack([model.targets[b](o).sum() for o in out])
         chunk = getattr(self, "batch_size", None) or _score_cam_chunk(x, None)
+        # the masked passes (the whole cost) on the engine's converted copy: channels-last, batch
+        # norms folded, the same scores to float32 rounding
+        runs, _ = lowered(self.model, x)
         B, K = acts.shape[:2]
         scores = torch.empty(B, K, dtype=torch.float32, device=x.device)
         with torch.no_grad():
@@ -350,7 +354,7 @@ class ScoreCAM(_BaseCAM):
                     flat = up.flatten(1)
                     lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
                     masked = x[b] * ((up - lo) / (hi - lo + 1e-8))[:, None]
-                    scores[b, start:start + len(up)] = score(b, self.model(masked))
+                    scores[b, start:start + len(up)] = score(b, runs(masked))
         return self._combine(acts, torch.softmax(scores, -1).to(acts.dtype), x, eigen_smooth)
 
 
