@@ -21,7 +21,12 @@ Every method takes ``compute_dtype=None`` and ``channels_last=None`` (``cnnviz_f
 per call, the head (``nn.Linear`` layers), the target scores, the input gradients and the
 accumulations over IG steps and SmoothGrad samples in ``x``'s dtype; the result keeps ``x``'s
 dtype. Fidelity against float32 (per-map Spearman, top-10% IoU) is measured by
-``benchmarks/bench_gradients.py`` and stated in each method's docstring.
+``benchmarks/bench_gradients.py`` and stated in each method's docstring. ``channels_last=None``
+(default) or ``True``: on CPU the method runs on a channels-last copy of the model with its
+eval-mode batch norms folded into their convolutions (kept while the model is unchanged),
+in float32 too, equal to the model's own results to float32 rounding (which at a ReLU kink
+may pick the other side, as any two float32 roundings); ``False`` runs the model as given,
+rounding as Captum does.
 """
 from __future__ import annotations
 
