@@ -91,15 +91,19 @@ def parity(model, peer_model, x, one, t):
     compared here: on the random-weight ResNet-50 at 224 plain float32 autograd, Captum's path,
     differs from float64 by 6.5% of one map's scale (ReLU kinks decided by rounding), where the
     default path stays within 2.3e-6 of float64; so the two float32 paths disagree there."""
-    assert_attr_close(saliency(model, x[:2], t, channels_last=False), captum(captum_attr.Saliency, model, x[:2], target=t))
-    assert_attr_close(guided_backprop(model, x[:2], t, channels_last=False), captum(captum_attr.GuidedBackprop, model, x[:2], target=t))
-    assert_attr_close(deeplift(model, x[:2], t, channels_last=False), captum(captum_attr.DeepLift, peer_model, x[:2], target=t))
-    assert_attr_close(integrated_gradients(model, one, t, steps=4, method="gausslegendre", channels_last=False),
+    given = {"channels_last": False}
+    assert_attr_close(saliency(model, x[:2], t, **given), captum(captum_attr.Saliency, model, x[:2], target=t))
+    assert_attr_close(guided_backprop(model, x[:2], t, **given),
+                      captum(captum_attr.GuidedBackprop, model, x[:2], target=t))
+    assert_attr_close(deeplift(model, x[:2], t, **given),
+                      captum(captum_attr.DeepLift, peer_model, x[:2], target=t))
+    assert_attr_close(integrated_gradients(model, one, t, steps=4, method="gausslegendre", **given),
                       captum(captum_attr.IntegratedGradients, model, one, target=t, n_steps=4))
     torch.manual_seed(5)
     ref = captum(captum_attr.NoiseTunnel, captum_attr.Saliency(model), one, nt_type="smoothgrad", nt_samples=4,
                  stdevs=0.15 * float(one.max() - one.min()), target=t)
-    assert_attr_close(smoothgrad(model, one, t, n_samples=4, generator=torch.Generator().manual_seed(5), channels_last=False), ref)
+    assert_attr_close(smoothgrad(model, one, t, n_samples=4, generator=torch.Generator().manual_seed(5), **given),
+                      ref)
 
 
 def bench_model(table, name, model, args):
@@ -175,7 +179,8 @@ def main():
         print("fidelity of bfloat16 against float32 maps")
         table.meta["fidelity"] = fidelity_rows(args.steps, args.fid_size, args.fid_batch, args.fid_steps)
     table.meta["loadavg_end"] = os.getloadavg()
-    table.report(note="speedup = the case's first row's p50 / p50 (the floor, or Captum); vs_captum = Captum p50 / ours; "
+    table.report(note="speedup = the case's first row's p50 / p50 (the floor, or Captum); "
+                      "vs_captum = Captum p50 / ours; "
                       "machine shared with other jobs, timings noisy; fidelity rows in meta.fidelity")
 
 
