@@ -75,7 +75,9 @@ def layer_activations(model: nn.Module, x: torch.Tensor, layer, *, compute_dtype
     is (``[B, C, h, w]`` for a convolutional layer), detached, on ``x``'s device. The value
     is the layer's true output even when a later in-place ReLU overwrites it. The model runs
     in eval mode and is left as found. compute_dtype / channels_last: the layers up to
-    ``layer`` run on a converted copy (``cnnviz_fast._precision``); the output is returned
+    ``layer`` run on a converted copy (``cnnviz_fast._precision``; by default on CPU
+    channels-last with batch norms folded, the layer's own output kept; ``channels_last=False``:
+    the model as given, unless ``compute_dtype`` asks for a copy); the output is returned
     in ``x``'s dtype (bfloat16: each value within 2**-8 of its magnitude times the depth's
     accumulated rounding, fit for ranking and display, not for exact statistics).
     """
@@ -170,8 +172,10 @@ class TopKPatches:
     k >= 1. channels: None (all), a list of indices for every layer, or ``{layer: list}``.
     backend: ``channel_topk_update``'s backend (default: automatic).
     compute_dtype / channels_last: the layers run on a copy converted at the first ``update``
-    and kept for the run (``cnnviz_fast._precision``); activations are ranked in the images'
-    dtype. In bfloat16, channels whose top activations differ by less than 2**-8 of their
+    and kept for the run (``cnnviz_fast._precision``; by default on CPU channels-last with
+    batch norms folded, the layers' own outputs kept, so float32 values may differ from the
+    model's by float32 rounding and near-ties may swap; ``channels_last=False``: the model as
+    given, bit for bit); activations are ranked in the images' dtype. In bfloat16, channels whose top activations differ by less than 2**-8 of their
     value may swap places in the ranking.
     Memory: ``3 * C * k`` numbers per layer, whatever the number of images.
     """

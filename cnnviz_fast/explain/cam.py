@@ -11,8 +11,10 @@ model body still runs once). Common keywords: ``relu=True``, ``normalize=True`` 
 mode and left as found.
 
 ``compute_dtype=None`` / ``channels_last=None`` (every method; ``cnnviz_fast._precision``;
-``channels_last=None`` here means channels-last copies on CPU, in float32 too, equal to the
-channels-first maps to float32 rounding; ``False`` runs the model itself):
+``channels_last=None`` (default) or ``True``: on CPU the method runs on a channels-last copy
+of the model with its eval-mode batch norms folded into their convolutions (the explained
+layer's own output kept), in float32 too, equal to the model's own maps to float32 rounding;
+``False`` runs the model as given, rounding as the peers do):
 ``compute_dtype=torch.bfloat16`` runs the network's body in bfloat16 on a copy converted once
 per call; the head (``nn.Linear``), the target scores, and the layer's activations and
 gradients as ``cam_combine`` weighs them are in ``x``'s dtype. Fidelity against float32 is

@@ -118,7 +118,9 @@ def embed(model: nn.Module, data, layer, pool: str = "avg", batch_size: int = 64
     progress: a tqdm bar of images on stderr; None (default) shows it on an interactive
     terminal once the run has taken a few seconds (``cnnviz_fast._progress``).
     compute_dtype / channels_last: the layers run on a copy converted once for the call
-    (``cnnviz_fast._precision``); activations are pooled in the images' dtype. bfloat16
+    (``cnnviz_fast._precision``; by default on CPU channels-last with batch norms folded, the
+    layer's own output kept; ``channels_last=False``: the model as given); activations are
+    pooled in the images' dtype. bfloat16
     vectors keep neighbour rankings but not exact distances.
 
     Returns ``Embeddings(vectors, ids)``: float32 ``[N, D]`` on the model's device, and the

@@ -21,7 +21,12 @@ Every method takes ``compute_dtype=None`` and ``channels_last=None`` (``cnnviz_f
 per call, the head (``nn.Linear`` layers), the target scores, the input gradients and the
 accumulations over IG steps and SmoothGrad samples in ``x``'s dtype; the result keeps ``x``'s
 dtype. Fidelity against float32 (per-map Spearman, top-10% IoU) is measured by
-``benchmarks/bench_gradients.py`` and stated in each method's docstring.
+``benchmarks/bench_gradients.py`` and stated in each method's docstring. ``channels_last=None``
+(default) or ``True``: on CPU the method runs on a channels-last copy of the model with its
+eval-mode batch norms folded into their convolutions (kept while the model is unchanged),
+in float32 too, equal to the model's own results to float32 rounding (which at a ReLU kink
+may pick the other side, as any two float32 roundings); ``False`` runs the model as given,
+rounding as Captum does.
 """
 from __future__ import annotations
 
@@ -177,8 +182,8 @@ def saliency(model: nn.Module, x: torch.Tensor, target, abs: bool = True, *,
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W] for [B, k] targets), same
     dtype and device. ``to_map`` reduces it to the per-pixel "gradient magnitude map".
     ``compute_dtype=torch.bfloat16`` (measured against float32, ``bench_gradients.py``, per-map
-    Spearman mean / worst, top-10% IoU of ``to_map``): trained default model 0.976 / 0.966, IoU
-    0.85; random-weight VGG16 0.85 and ResNet-50 0.90 (IoU 0.5-0.6). The plain gradient is the
+    Spearman mean / worst, top-10% IoU of ``to_map``): trained default model 0.972 / 0.963, IoU
+    0.83; random-weight VGG16 0.85 and ResNet-50 0.90 (IoU 0.5-0.6). The plain gradient is the
     member most sensitive to the body's rounding: bfloat16 is unfit for pixel-level rankings on
     deep networks without batch norm; prefer float32 there, or SmoothGrad.
     """
@@ -257,7 +262,7 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target, *, compute_dtype:
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
     Only ``nn.ReLU`` modules are modified (functional ``F.relu`` is not seen, as in Captum);
     in-place and reused ReLU modules work.
-    bfloat16 (``compute_dtype``): Spearman 0.991 (trained default model), 0.998 (VGG16), 0.997
+    bfloat16 (``compute_dtype``): Spearman 0.989 (trained default model), 0.998 (VGG16), 0.997
     (ResNet-50, random weights), top-10% IoU 0.93-0.97: the rectified backward is robust to it.
     """
     return _modified_relu_gradients(model, x, target, _GuidedReLU, compute_dtype, channels_last)
@@ -307,7 +312,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50, n
     compute_dtype / channels_last, when given, are passed on to ``method`` (every method of
     this module takes them); each noisy copy's ``method`` runs on one converted copy of the model made
     for the call; the mean over samples is taken in ``x``'s dtype. bfloat16 with saliency:
-    Spearman 0.998 (trained default model), 0.98 (VGG16), 0.99 (ResNet-50, random weights):
+    Spearman 0.997 (trained default model), 0.98 (VGG16), 0.99 (ResNet-50, random weights):
     averaging washes out the rounding the single gradient shows.
     """
     check_number("n_samples", n_samples, 1, integer=True)
@@ -380,7 +385,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=0, 
 
     compute_dtype: the path points' gradients in the body's precision, the weighted sum over
     steps, the multiplication by ``x - x'`` and the delta in ``x``'s dtype. bfloat16: Spearman
-    0.995 (trained default model), 0.94 (ResNet-50) and 0.92 (VGG16, random weights), IoU
+    0.994 (trained default model), 0.94 (ResNet-50) and 0.92 (VGG16, random weights), IoU
     0.66-0.71 there: unfit for random-weight / badly conditioned deep networks.
 
     ``x`` float [B, C, H, W]; returns [B, C, H, W] (or [B, k, C, H, W]), same dtype and device.
@@ -603,7 +608,7 @@ def deeplift(model: nn.Module, x: torch.Tensor, target, baseline=0, return_delta
     summation-to-delta error ``sum(attr) - (f_t(x) - f_t(x'))`` per sample ([B] or [B, k]).
     compute_dtype: the rules run on the body's precision (the ReLU rule by the reference
     kernel in bfloat16 on CPU), the multiplication by ``x - x'`` in ``x``'s dtype. bfloat16:
-    Spearman 0.992 (trained default model) but 0.89 (ResNet-50) and 0.86 (VGG16, random
+    Spearman 0.994 (trained default model) but 0.89 (ResNet-50) and 0.86 (VGG16, random
     weights): difference quotients of nearly equal bfloat16 activations lose their digits on
     deep networks, so bfloat16 is unfit there; the delta grows accordingly.
 

@@ -619,9 +619,11 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rules="epsilon_plus_flat", *,
             zennit's, the merged batch norm still divides by ``sqrt(1 + eps)``, so the relevance
             sums to the output of the canonized model, about ``1e-5`` relative off per batch norm).
         compute_dtype, channels_last: the rules run on a copy of the model converted once per
-            call (``cnnviz_fast._precision``): ``torch.bfloat16`` puts the body's layers, their
-            folded batch norms and their rules' relevance in bfloat16, the ``nn.Linear`` layers
-            and the output relevance in ``x``'s dtype; the relevance comes back in ``x``'s dtype.
+            call (``cnnviz_fast._precision``; by default on CPU channels-last, its batch norms
+            left to ``canonize``; ``channels_last=False``: the model's own layout):
+            ``torch.bfloat16`` puts the body's layers, their folded batch norms and their rules'
+            relevance in bfloat16, the ``nn.Linear`` layers and the output relevance in ``x``'s
+            dtype; the relevance comes back in ``x``'s dtype.
 
     Returns:
         Relevance with ``x``'s shape, dtype and device, ``[B, k, *x.shape[1:]]`` for ``[B, k]``
